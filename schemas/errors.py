@@ -1,0 +1,67 @@
+"""Errors that cross the wire, and the one exception the contract raises.
+
+Every refusal the fabric sends back carries an :class:`ErrorCode`: a stable,
+snake_case string that clients may branch on. The human text next to it may
+change between releases; the code may not.
+
+    ContractError            raised by every decoder and validator here
+    ErrorReply               the wire shape of a refusal
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import msgspec
+
+__all__ = ["ContractError", "ErrorCode", "ErrorReply"]
+
+
+class ErrorCode(StrEnum):
+    # The message itself is wrong.
+    INVALID_PAYLOAD = "invalid_payload"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_ID = "invalid_id"
+    UNKNOWN_OP = "unknown_op"
+    # The token does not allow it.
+    TOKEN_MISSING = "token_missing"
+    TOKEN_INVALID = "token_invalid"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    TOKEN_WRONG_AUDIENCE = "token_wrong_audience"
+    TOKEN_SCOPE = "token_scope"
+    TOKEN_WRONG_TARGET = "token_wrong_target"
+    TOKEN_REPLAYED = "token_replayed"
+    # The request is well formed but cannot be done now.
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    CONFLICT = "conflict"
+    INVALID_STATE = "invalid_state"
+    STALE_EPOCH = "stale_epoch"
+    NO_CAPACITY = "no_capacity"
+    UNAVAILABLE = "unavailable"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class ContractError(Exception):
+    """A message or value that breaks the contract; carries a stable code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+    def to_reply(self) -> ErrorReply:
+        return ErrorReply(code=self.code, message=self.message)
+
+
+class ErrorReply(msgspec.Struct, forbid_unknown_fields=True, tag="error", tag_field="kind"):
+    """The reply to any request that was refused."""
+
+    code: ErrorCode
+    message: Annotated[str, msgspec.Meta(max_length=2048)]
