@@ -46,9 +46,9 @@ SignalName = Literal[
     "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGCONT", "SIGWINCH"
 ]
 Arg = Annotated[str, msgspec.Meta(max_length=4096)]
-EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}(?!\n)$")]
 EnvValue = Annotated[str, msgspec.Meta(max_length=32768)]
-PosixName = Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+PosixName = Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}(?!\n)$")]
 Path = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 
 

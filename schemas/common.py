@@ -31,7 +31,7 @@ Seconds = Annotated[
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
-LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_./-]{0,62}$")]
+LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_./-]{0,62}(?!\n)$")]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
 Labels = Annotated[
     dict[LabelKey, LabelValue],

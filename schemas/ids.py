@@ -25,10 +25,10 @@ __all__ = [
     "validate_id",
 ]
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(?!\n)$"
 _ID_RE = re.compile(ID_PATTERN)
 # An event kind is two or three id-shaped tokens joined by dots, e.g. "agent.exited".
-EVENT_KIND_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(\.[a-z0-9][a-z0-9_-]{0,62}){1,2}$"
+EVENT_KIND_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(\.[a-z0-9][a-z0-9_-]{0,62}){1,2}(?!\n)$"
 
 _ID_DOC = (
     "lowercase letters, digits, '_' and '-', 1 to 63 characters, starting with a letter or digit"

@@ -157,6 +157,14 @@ def test_field_limits() -> None:
     assert "$.argv" in info.value.message
 
 
+@pytest.mark.parametrize("name", ["web\n", "web\r", "web.x", "*", "Web"])
+def test_ids_inside_messages_are_checked(name: str) -> None:
+    with pytest.raises(ContractError) as info:
+        codec.decode(codec.encode({"name": name, "argv": ["x"]}), AgentSpec)
+    assert info.value.code is ErrorCode.INVALID_PAYLOAD
+    assert "$.name" in info.value.message
+
+
 def test_shell_needs_one_string() -> None:
     with pytest.raises(ContractError) as info:
         codec.decode(b'{"name": "a", "argv": ["a", "b"], "shell": true}', AgentSpec)
