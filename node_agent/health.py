@@ -171,11 +171,13 @@ class HealthMonitor:
         spec: HealthSpec,
         probe: Probe,
         on_change: Callable[[HealthVerdict, str], None],
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.spec = spec
         self.judge = HealthJudge(spec.failure_threshold, spec.success_threshold)
         self._probe = probe
         self._on_change = on_change
+        self._active = active  # False while the agent is paused: a frozen process fails probes
         self.last_error = ""
 
     async def check_once(self) -> bool:
@@ -185,7 +187,7 @@ class HealthMonitor:
         except TimeoutError:
             self.last_error = f"timed out after {self.spec.timeout:g} s"
             return False
-        except (OSError, ValueError, CheckFailed) as exc:
+        except Exception as exc:  # any failure of a probe is an unhealthy answer, not a crash
             self.last_error = str(exc) or type(exc).__name__
             return False
         self.last_error = ""
@@ -196,10 +198,11 @@ class HealthMonitor:
         await asyncio.sleep(self.spec.initial_delay)
         while True:
             started = loop.time()
-            before = self.judge.verdict
-            after = self.judge.record(await self.check_once())
-            if after is not before:
-                self._on_change(after, self.last_error)
+            if self._active():
+                before = self.judge.verdict
+                after = self.judge.record(await self.check_once())
+                if after is not before:
+                    self._on_change(after, self.last_error)
             await asyncio.sleep(max(0.0, self.spec.interval - (loop.time() - started)))
 
 

@@ -13,8 +13,9 @@
        │      exited (code/signal; policy keeps it down)  stopping ──▶ stopped
        └──(re-adopted)──▶ running
 
-``pending`` may also go straight to ``failed`` (cannot spawn) or ``stopped``
-(stopped before it ever ran). ``stopping`` ends in ``stopped`` for a manual
+``pending`` may also go straight to ``failed`` (cannot spawn), ``stopped``
+(stopped before it ever ran) or, after a node agent restart, back to the
+settled state it had (``exited``) or to ``backoff``. ``stopping`` ends in ``stopped`` for a manual
 stop, or leads on to ``starting``/``backoff``/``failed`` when the stop was a
 restart (manual restart, memory watchdog, unhealthy verdict). Any settled
 state (``stopped``, ``exited``, ``failed``) may be started again.
@@ -40,7 +41,7 @@ HISTORY_SIZE = 64
 _REASON_MAX = 256
 
 ALLOWED: dict[AgentState, frozenset[AgentState]] = {
-    S.PENDING: frozenset({S.STARTING, S.RUNNING, S.FAILED, S.STOPPED, S.BACKOFF}),
+    S.PENDING: frozenset({S.STARTING, S.RUNNING, S.FAILED, S.STOPPED, S.EXITED, S.BACKOFF}),
     S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.BACKOFF, S.FAILED, S.EXITED}),
     S.RUNNING: frozenset({S.PAUSED, S.STOPPING, S.BACKOFF, S.FAILED, S.EXITED}),
     S.PAUSED: frozenset({S.RUNNING, S.STOPPING, S.BACKOFF, S.FAILED, S.EXITED}),

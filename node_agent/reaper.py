@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import psutil
 
-__all__ = ["ChildReaper", "ExitInfo", "become_subreaper", "signal_name"]
+__all__ = ["ChildReaper", "ExitInfo", "become_subreaper", "same_process", "signal_name"]
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -156,14 +156,14 @@ class ChildReaper:
         if fd is not None:
             loop.add_reader(fd, self._foreign_exited, pid)
         # The pid may have been reused or gone before the pidfd was opened.
-        if not _alive(pid, create_time):
+        if not same_process(pid, create_time):
             self._foreign_exited(pid)
         return fut
 
     def poll_foreign(self) -> None:
         """Fallback check of foreign processes without a pidfd (call on a tick)."""
         for pid, entry in list(self._foreign.items()):
-            if entry.fd is None and not _alive(pid, entry.create_time):
+            if entry.fd is None and not same_process(pid, entry.create_time):
                 self._foreign_exited(pid)
 
     def _foreign_exited(self, pid: int) -> None:
@@ -193,14 +193,13 @@ class ChildReaper:
         return len(self._watched) + len(self._foreign)
 
 
-def _alive(pid: int, create_time: float) -> bool:
+def same_process(pid: int, create_time: float | None) -> bool:
     """Same process still there and not a zombie (pid reuse is told by create time)."""
     try:
         proc = psutil.Process(pid)
         with proc.oneshot():
-            return (
-                abs(proc.create_time() - create_time) < 0.01
-                and proc.status() != psutil.STATUS_ZOMBIE
-            )
+            if create_time is not None and abs(proc.create_time() - create_time) >= 0.01:
+                return False
+            return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False

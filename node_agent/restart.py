@@ -123,9 +123,9 @@ class RestartTracker:
         # A run the supervisor ended on purpose (watchdog, unhealthy) is a
         # restart the spec asked for; only the budget below may refuse it.
         if exit.cause is None:
-            if p.policy is RestartPolicyKind.NEVER:
+            if p.policy == RestartPolicyKind.NEVER:
                 return StayDown(f"{what}; restart policy never")
-            if p.policy is RestartPolicyKind.ON_FAILURE and exit.clean:
+            if p.policy == RestartPolicyKind.ON_FAILURE and exit.clean:
                 return StayDown(f"{what}; restart policy on-failure")
         if exit.ran_for >= self.stable_after and not exit.failed_start:
             self.attempt = 0

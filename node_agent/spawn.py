@@ -26,10 +26,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from node_agent.limits import RLimit
-from node_agent.reaper import ExitInfo
+from node_agent.reaper import ExitInfo, same_process
 from schemas.agent import AgentSpec
 
-__all__ = ["build_argv", "build_env", "mark_reaped", "spawn"]
+__all__ = [
+    "build_argv",
+    "build_env",
+    "mark_reaped",
+    "signal_group",
+    "signal_known",
+    "spawn",
+]
 
 
 def build_argv(spec: AgentSpec) -> list[str]:
@@ -118,3 +125,33 @@ def mark_reaped(popen: subprocess.Popen[bytes], info: ExitInfo) -> None:
             popen.returncode = info.code
         else:
             popen.returncode = -1
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False when it is gone (or not ours)."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def signal_known(procs: Mapping[int, float], sig: int, *, skip_group: int | None = None) -> int:
+    """Signal each (pid -> create time) still alive as that same process; how many.
+
+    ``skip_group``: leave out members of that process group (already signalled
+    through the group; a second SIGTERM makes some programs quit uncleanly).
+    """
+    me = os.getpid()
+    hit = 0
+    for pid, created in procs.items():
+        if pid == me or not same_process(pid, created):
+            continue  # gone, or the pid now belongs to someone else
+        try:
+            if skip_group is not None and os.getpgid(pid) == skip_group:
+                continue
+            os.kill(pid, sig)
+            hit += 1
+        except (ProcessLookupError, PermissionError):
+            continue
+    return hit

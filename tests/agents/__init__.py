@@ -1,0 +1,1 @@
+"""Helpers for the supervision-core tests: child programs and a test harness."""
