@@ -88,6 +88,8 @@ class LogFiles:
 
     def _shift(self, agent_id: str, stream: Stream, backups: int) -> None:
         """.N-1 -> .N, ..., .1 -> .2, dropping what falls past ``backups``."""
+        if backups <= 0:
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path(agent_id, stream, backups).unlink()
         for n in range(backups - 1, 0, -1):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -32,6 +33,7 @@ from schemas.node import NodeMetrics
 
 __all__ = ["ProcKey", "ProcTable", "TreeSample", "TreeSampler", "node_metrics"]
 
+_MIN_SPAN = 0.25  # seconds
 ProcKey = tuple[int, float]  # (pid, create_time): one process, even across pid reuse
 
 
@@ -40,6 +42,8 @@ class _Seen:
     proc: psutil.Process
     cpu: float  # user+system seconds at the last sample
     at: float  # wall clock of the last sample
+    pct: float = 0.0  # the CPU % last computed
+    fresh: bool = True  # not sampled yet: average over the lifetime, however short
 
 
 @dataclass(slots=True)
@@ -113,12 +117,7 @@ class TreeSampler:
                         zombies += 1
                         members.append((pid, proc.create_time()))
                         continue
-                    t = proc.cpu_times()
-                    total = t.user + t.system
-                    if total < seen.cpu:  # a new process under a reused pid
-                        seen.cpu, seen.at = 0.0, proc.create_time()
-                    cpu_pct += 100.0 * max(0.0, total - seen.cpu) / max(1e-3, now - seen.at)
-                    seen.cpu, seen.at = total, now
+                    cpu_pct += self._cpu_percent(seen, proc.cpu_times(), now)
                     rss += proc.memory_info().rss
                     threads += proc.num_threads()
                     fds += proc.num_fds()
@@ -139,6 +138,18 @@ class TreeSampler:
             zombies=zombies,
         )
         return TreeSample(metrics, members)
+
+    @staticmethod
+    def _cpu_percent(seen: _Seen, times: Any, now: float) -> float:
+        total = float(times.user + times.system)
+        if total < seen.cpu:  # a new process under a reused pid
+            seen.cpu, seen.at = 0.0, seen.proc.create_time()
+        # CPU times tick in 10 ms steps: a rate over a shorter span than this is
+        # noise, so samples taken close together repeat the last figure.
+        if seen.fresh or now - seen.at >= _MIN_SPAN:
+            seen.pct = 100.0 * max(0.0, total - seen.cpu) / max(1e-3, now - seen.at)
+            seen.cpu, seen.at, seen.fresh = total, now, False
+        return seen.pct
 
     def _lookup(self, pid: int) -> _Seen | None:
         # Looked up by pid alone: a pid listed in an agent's tree belongs to that

@@ -33,6 +33,7 @@ __all__ = [
     "build_argv",
     "build_env",
     "mark_reaped",
+    "release",
     "signal_group",
     "signal_known",
     "spawn",
@@ -125,6 +126,13 @@ def mark_reaped(popen: subprocess.Popen[bytes], info: ExitInfo) -> None:
             popen.returncode = info.code
         else:
             popen.returncode = -1
+
+
+def release(popen: subprocess.Popen[bytes]) -> None:
+    """Let go of a child left running (detach): Popen's finaliser must neither warn
+    nor call ``waitpid`` on it later, behind the reaper's back."""
+    if popen.returncode is None:
+        popen.returncode = 0
 
 
 def signal_group(pgid: int, sig: int) -> bool:

@@ -58,7 +58,14 @@ from node_agent.logfiles import LogFiles, Stream
 from node_agent.metrics import ProcTable, TreeSampler, node_metrics
 from node_agent.reaper import ChildReaper, ExitInfo, same_process
 from node_agent.restart import ExitReport, GiveUp, Restart, RestartTracker
-from node_agent.spawn import build_env, mark_reaped, signal_group, signal_known, spawn
+from node_agent.spawn import (
+    build_env,
+    mark_reaped,
+    release,
+    signal_group,
+    signal_known,
+    spawn,
+)
 from node_agent.state_store import AgentRecord, StateStore
 from schemas.agent import (
     AgentMetrics,
@@ -366,6 +373,8 @@ class Supervisor:
             for a in self._agents.values():
                 if a.task is not None:
                     a.task.cancel()
+                if a.popen is not None:
+                    release(a.popen)
                 self._save(a)
         await self._cancel_tasks()
 
@@ -580,11 +589,14 @@ class Supervisor:
         if a.frozen:  # a stopped or frozen process cannot act on the signal
             self._freeze(a, False)
         await asyncio.wait({fut}, timeout=grace)
+        if fut.done():
+            # The loop has already cleaned up after this run (and may have started
+            # the next one, which is not ours to kill).
+            return
         self._kill_tree(a, signal.SIGKILL)
-        if not fut.done():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_KILL_WAIT):
-                    await asyncio.shield(fut)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_KILL_WAIT):
+                await asyncio.shield(fut)
 
     def _kill_tree(self, a: _Agent, sig: int) -> None:
         """Signal the run's group, cgroup and every descendant seen (checked by create time)."""

@@ -145,3 +145,11 @@ async def fifo_line(path: Path, within: float = DEADLINE) -> str:
             return (await reader.readline()).decode().strip()
     finally:
         transport.close()
+
+
+async def until(cond: Callable[[], bool], within: float = DEADLINE, step: float = 0.01) -> None:
+    """Poll a condition outside the supervisor's reach (a pid gone, a cgroup file)."""
+    async with asyncio.timeout(within):
+        # No event exists for these conditions: poll under the deadline.
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(step)  # wait-ok: polled condition under a deadline
