@@ -97,9 +97,9 @@ async def test_mutate_retries_until_every_increment_lands(connect_as: Clients) -
 async def test_mutate_without_change_writes_nothing(connect_as: Clients) -> None:
     a, _ = await _state(connect_as)
     await write(a.agents, "same", Counter(1), None)
-    value, changed = await mutate(a.agents, "same", Counter, lambda c: c)
-    assert value == Counter(1)
-    assert not changed
+    result = await mutate(a.agents, "same", Counter, lambda c: c)
+    assert result.value == Counter(1)
+    assert not result.changed
 
 
 async def test_mirror_follows_puts_and_deletes(connect_as: Clients) -> None:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import msgspec
 import nats.errors
@@ -33,7 +33,7 @@ from schemas.codec import decode, encode
 from schemas.errors import ContractError, ErrorCode
 from schemas.node import NodeInfo
 
-__all__ = ["Mirror", "NodeEntry", "delete", "mutate", "read", "write"]
+__all__ = ["Mirror", "Mutation", "NodeEntry", "delete", "mutate", "read", "write"]
 
 T = TypeVar("T")
 
@@ -94,6 +94,13 @@ async def delete(kv: KeyValue, key: str, last: int) -> None:
         raise
 
 
+class Mutation(NamedTuple, Generic[T]):
+    value: T | None
+    """What is stored now (None: absent)."""
+    revision: int | None
+    changed: bool
+
+
 async def mutate(
     kv: KeyValue,
     key: str,
@@ -101,25 +108,26 @@ async def mutate(
     change: Callable[[T | None], T | None],
     *,
     attempts: int = 5,
-) -> tuple[T | None, bool]:
+) -> Mutation[T]:
     """Apply ``change`` to the current value with compare-and-set, retrying on
     conflict. ``change`` returns the new value, or the value it was given (or
     None for an absent key) to leave it alone; it may raise ContractError to
-    refuse. Returns the value now stored and whether this call changed it."""
+    refuse. Returns the value now stored, its revision and whether this call
+    changed it."""
     for attempt in range(attempts):
         current = await read(kv, key, type_)
         before, revision = (current[0], current[1]) if current else (None, None)
         after = change(before)
         if after is None or after == before:
-            return before, False
+            return Mutation(before, revision, False)
         try:
-            await write(kv, key, after, revision)
+            revision = await write(kv, key, after, revision)
         except ContractError as exc:
             if exc.code is not ErrorCode.CONFLICT or attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.005 * (attempt + 1))
             continue
-        return after, True
+        return Mutation(after, revision, True)
     raise _conflict(kv._name, key)  # unreachable: the last attempt raises
 
 
