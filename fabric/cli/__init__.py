@@ -29,9 +29,9 @@ class CommandFailed(Exception):
 def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     # Imported lazily so `fabric --help` stays fast and one broken verb cannot
     # take the others down at import time.
-    from fabric.cli import nats_cmd, pki_cmd, token_cmd
+    from fabric.cli import controller_cmd, nats_cmd, pki_cmd, token_cmd
 
-    return [pki_cmd.register, token_cmd.register, nats_cmd.register]
+    return [pki_cmd.register, token_cmd.register, nats_cmd.register, controller_cmd.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
