@@ -112,6 +112,7 @@ class NodeAgent:
         self._connected = asyncio.Event()
         self._actors: dict[str, str] = {}
         self._heartbeat_seq = 0
+        self._heartbeat_interval = config.heartbeat_interval
         self._started_at = utc_now()
         self._registered = False
         self.ready = asyncio.Event()
@@ -386,6 +387,8 @@ class NodeAgent:
             log.error("registration refused: %s", reply.message)
             return
         self._registered = True
+        # The controller's liveness clock is tuned to its own interval.
+        self._heartbeat_interval = reply.heartbeat_interval or self._heartbeat_interval
         for placement in reply.agents:
             try:
                 await sup.place(placement.spec, placement.epoch)
@@ -426,7 +429,7 @@ class NodeAgent:
                 metrics=sup.node_metrics(),
             )
             self._outbox.put(subject, encode(beat), key="__heartbeat__")
-            await asyncio.sleep(self.config.heartbeat_interval)
+            await asyncio.sleep(self._heartbeat_interval)
 
     async def _watchdog_loop(self) -> None:
         interval = self._notifier.watchdog_interval

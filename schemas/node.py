@@ -99,7 +99,16 @@ class RegisterRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     agents: Annotated[list[AgentSummary], msgspec.Meta(max_length=100_000)] = []
 
 
-class RegisterReply(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class RegisterReply(
+    msgspec.Struct,
+    forbid_unknown_fields=True,
+    frozen=True,
+    kw_only=True,
+    tag="result",
+    tag_field="kind",
+):
+    """The controller's answer: what this node should run, and how often to beat."""
+
     node_id: NodeId
     agents: Annotated[list[Placement], msgspec.Meta(max_length=100_000)] = []
     heartbeat_interval: Seconds = 1.0
