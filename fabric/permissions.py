@@ -1,0 +1,263 @@
+"""Role -> NATS publish/subscribe permissions (pure data, no I/O).
+
+Every client certificate is mapped by the server (``verify_and_map``) to a user
+whose name is the certificate's DN; that user's permissions come from the row of
+:data:`ROLE_PERMISSIONS` for the certificate's role (its ``OU``). Rows marked
+per-identity have ``{name}`` substituted with the identity's name, which for a
+node is its ``node_id``: that is what lets a node publish heartbeats and
+registrations under its own ``nodes.<node_id>.`` and nowhere else, so the
+subject itself proves the sender.
+
+The table (``<own>`` is the identity name; "replies" means allow_responses,
+i.e. one reply to each request received, with no publish right on inboxes):
+
+controller
+    publish and subscribe: every fabric family (``agents.>``, ``nodes.>``,
+    ``tasks.>``, ``events.>``, ``fabric.>``), JetStream and KV (``$JS.API.>``,
+    ``$JS.ACK.>``, ``$JS.EVENT.>``, ``$JS.FC.>``, ``$KV.>``), ``$SRV.>`` and
+    ``_INBOX.>``; replies. Listed family by family rather than ``>`` so a new
+    family is a deliberate change here.
+node (per identity: ``<own>`` is the node_id)
+    publish ``nodes.<own>.heartbeat``, ``nodes.<own>.register``,
+    ``agents.*.status``, ``agents.*.logs``, ``events.agent.>``,
+    ``events.node.>``, ``fabric.discover``; replies (command results, ``$SRV``
+    answers). Subscribe ``nodes.<own>.commands``, ``agents.*.commands`` (it
+    cannot know in advance which agents it will host), ``_INBOX.>`` (register
+    and discover replies), ``$SRV.>``. No JetStream at all.
+operator
+    publish ``agents.*.commands``, ``nodes.*.commands``, ``tasks.*.queue``,
+    ``fabric.discover``, ``fabric.api.>``, ``$SRV.>``, ``$JS.API.>``,
+    ``$JS.FC.EVENTS.>``; subscribe like viewer.
+viewer
+    publish ``fabric.discover``, ``$SRV.PING|INFO|STATS`` (and ``.>``), and
+    read-only JetStream calls on stream ``EVENTS`` for replay; subscribe
+    ``agents.*.status``, ``agents.*.logs``, ``nodes.*.heartbeat``,
+    ``events.>``, ``_INBOX.>``.
+worker
+    publish ``events.task.>``; replies (task results, ``$SRV`` answers);
+    subscribe ``agents.*.tasks``, ``_INBOX.>``, ``$SRV.>``.
+
+Notes:
+
+* ``_INBOX.>`` on subscribe is what ``request()`` needs for its replies. It is a
+  wildcard over every client's inboxes, so a user holding it could in principle
+  read replies meant for others; a per-identity inbox prefix would close that.
+* The operator's ``$JS.API.>`` is broad on purpose: submitting a task with an
+  ack, reading EVENTS and KV all go through it, and narrowing it per stream
+  would mean tracking every JetStream call nats-py makes. Operators are trusted
+  people; viewers, nodes and workers get no such right.
+* The viewer's JetStream rights are enough for an ordered (ack-none) consumer
+  on ``EVENTS``: stream lookup and info, consumer create/info, pull next, flow
+  control. It cannot ack, delete, purge or publish into any stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from schemas.ids import ID_PATTERN, is_valid_id
+
+__all__ = [
+    "ID_PATTERN",
+    "ROLE_PERMISSIONS",
+    "Permissions",
+    "RoleRow",
+    "permissions_for",
+    "subject_matches",
+]
+
+# Read-only JetStream calls on the EVENTS stream, enough for an ordered
+# consumer replaying `events.>` (what `fabric events` does for a viewer).
+_EVENTS_READ = (
+    "$JS.API.INFO",
+    "$JS.API.STREAM.NAMES",
+    "$JS.API.STREAM.INFO.EVENTS",
+    "$JS.API.CONSUMER.CREATE.EVENTS",
+    "$JS.API.CONSUMER.CREATE.EVENTS.>",
+    "$JS.API.CONSUMER.INFO.EVENTS.>",
+    "$JS.API.CONSUMER.MSG.NEXT.EVENTS.>",
+    "$JS.FC.EVENTS.>",
+)
+
+_SRV_QUERY = (
+    "$SRV.PING",
+    "$SRV.PING.>",
+    "$SRV.INFO",
+    "$SRV.INFO.>",
+    "$SRV.STATS",
+    "$SRV.STATS.>",
+)
+
+_WATCH = (
+    "agents.*.status",
+    "agents.*.logs",
+    "nodes.*.heartbeat",
+    "events.>",
+    "_INBOX.>",
+)
+
+_CONTROLLER_FAMILIES = (
+    "agents.>",
+    "nodes.>",
+    "tasks.>",
+    "events.>",
+    "fabric.>",
+    "$JS.API.>",
+    "$JS.ACK.>",
+    "$JS.EVENT.>",
+    "$JS.FC.>",
+    "$KV.>",
+    "$SRV.>",
+    "_INBOX.>",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Concrete allow lists for one user, ready to render into server config.
+
+    ``allow_responses`` lets the user publish exactly one reply to the reply
+    subject of each request it received, without any publish right on
+    ``_INBOX.>``: that is how nodes answer commands and workers answer tasks.
+    """
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+
+    def may_publish(self, subject: str) -> bool:
+        """True when some publish pattern covers ``subject`` (replies aside)."""
+        return any(subject_matches(p, subject) for p in self.publish)
+
+    def may_subscribe(self, subject: str) -> bool:
+        """True when some subscribe pattern covers ``subject``.
+
+        A wildcard subscription is allowed by the server only if a pattern
+        covers it as a whole, which is what ``subject_matches`` checks when
+        ``subject`` itself holds wildcards.
+        """
+        return any(subject_matches(p, subject) for p in self.subscribe)
+
+    def to_config(self) -> dict[str, object]:
+        """The ``permissions`` map as nats-server config expects it."""
+        out: dict[str, object] = {
+            "publish": {"allow": list(self.publish)},
+            "subscribe": {"allow": list(self.subscribe)},
+        }
+        if self.allow_responses:
+            out["allow_responses"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRow:
+    """One row of the role table; ``{name}`` in a pattern is the identity name."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+    per_identity: bool = field(default=False)
+
+    def bind(self, name: str) -> Permissions:
+        def fill(patterns: Iterable[str]) -> tuple[str, ...]:
+            return tuple(p.replace("{name}", name) for p in patterns)
+
+        return Permissions(
+            publish=fill(self.publish),
+            subscribe=fill(self.subscribe),
+            allow_responses=self.allow_responses,
+        )
+
+
+ROLE_PERMISSIONS: dict[str, RoleRow] = {
+    "controller": RoleRow(
+        publish=_CONTROLLER_FAMILIES,
+        subscribe=_CONTROLLER_FAMILIES,
+        allow_responses=True,
+    ),
+    "node": RoleRow(
+        publish=(
+            "nodes.{name}.heartbeat",
+            "nodes.{name}.register",
+            "agents.*.status",
+            "agents.*.logs",
+            "events.agent.>",
+            "events.node.>",
+            "fabric.discover",
+        ),
+        subscribe=(
+            "nodes.{name}.commands",
+            "agents.*.commands",
+            "_INBOX.>",
+            "$SRV.>",
+        ),
+        allow_responses=True,
+        per_identity=True,
+    ),
+    "operator": RoleRow(
+        publish=(
+            "agents.*.commands",
+            "nodes.*.commands",
+            "tasks.*.queue",
+            "fabric.discover",
+            "fabric.api.>",
+            "$SRV.>",
+            "$JS.API.>",
+            "$JS.FC.EVENTS.>",
+        ),
+        subscribe=_WATCH,
+    ),
+    "viewer": RoleRow(
+        publish=("fabric.discover", *_SRV_QUERY, *_EVENTS_READ),
+        subscribe=_WATCH,
+    ),
+    "worker": RoleRow(
+        publish=("events.task.>",),
+        subscribe=("agents.*.tasks", "_INBOX.>", "$SRV.>"),
+        allow_responses=True,
+    ),
+}
+
+
+def permissions_for(role: str, name: str) -> Permissions:
+    """Permissions of identity ``name`` holding ``role``.
+
+    Raises ``ValueError`` for an unknown role or a name that is not a valid id
+    (the name becomes a subject token for per-identity rows, and a bad one must
+    never widen a pattern, e.g. ``*`` or ``a.b``).
+    """
+    # Checked here, not only in the PKI: the name becomes a subject token.
+    if not is_valid_id(name):
+        raise ValueError(f"invalid identity name {name!r}: must match {ID_PATTERN}")
+    try:
+        row = ROLE_PERMISSIONS[role]
+    except KeyError:
+        known = ", ".join(sorted(ROLE_PERMISSIONS))
+        raise ValueError(f"unknown role {role!r}: expected one of {known}") from None
+    return row.bind(name)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: does ``pattern`` cover ``subject``?
+
+    ``*`` matches one token, ``>`` one or more trailing tokens. When
+    ``subject`` holds wildcards itself (a subscription), it is covered only if
+    every subject it could match is covered: ``>`` in the subject needs ``>``
+    in the pattern, ``*`` needs ``*`` or ``>``.
+    """
+    p_tokens = pattern.split(".")
+    s_tokens = subject.split(".")
+    for i, p in enumerate(p_tokens):
+        if p == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens):
+            return False
+        s = s_tokens[i]
+        if s == ">":
+            return False
+        if p == "*":
+            continue
+        if p != s:
+            return False
+    return len(p_tokens) == len(s_tokens)

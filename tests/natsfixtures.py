@@ -1,0 +1,146 @@
+"""Helpers behind the NATS fixtures in ``conftest.py`` (importable by any test).
+
+* :func:`make_pki` - a PKI with one identity per role (:data:`IDENTITIES`).
+* :func:`run_sync` - run a coroutine from a synchronous fixture, on a private
+  event loop that leaves pytest-asyncio's loops alone. Servers are started and
+  stopped this way so one server can outlive many tests (each test has its own
+  loop); :class:`fabric.nats_server.NatsServer` keeps no loop-bound state.
+* :class:`Clients` - connects as a named identity and closes every client at
+  teardown.
+* :class:`ErrorLog` - an ``error_cb`` that records errors, to observe
+  permission violations (nats-py reports them only there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.aio.client import Client
+
+from fabric.connect import connect
+from fabric.pki import Identity, init_pki, issue_identity
+
+T = TypeVar("T")
+
+# name -> role: the identities every test PKI holds.
+IDENTITIES: dict[str, str] = {
+    "ctl-1": "controller",
+    "n1": "node",
+    "n2": "node",
+    "op-1": "operator",
+    "view-1": "viewer",
+    "work-1": "worker",
+}
+
+
+@dataclass(frozen=True)
+class FabricPki:
+    """A PKI directory and its identities, by name (``pki["ctl-1"]``)."""
+
+    dir: Path
+    identities: dict[str, Identity]
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def __getitem__(self, name: str) -> Identity:
+        return self.identities[name]
+
+    def issue(self, role: str, name: str) -> Identity:
+        """Issue one more identity (only in a PKI the test owns: the server
+        user list changes on the next reload)."""
+        ident = issue_identity(self.dir, role, name)
+        self.identities[name] = ident
+        return ident
+
+
+def make_pki(pki_dir: Path, identities: dict[str, str] | None = None) -> FabricPki:
+    """``init_pki`` in ``pki_dir`` plus ``identities`` (default :data:`IDENTITIES`)."""
+    init_pki(pki_dir)
+    issued = {
+        name: issue_identity(pki_dir, role, name)
+        for name, role in (IDENTITIES if identities is None else identities).items()
+    }
+    return FabricPki(dir=pki_dir, identities=issued)
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion on a fresh loop (for synchronous fixtures).
+
+    ``loop_factory`` keeps ``asyncio.Runner`` from installing its loop as the
+    thread's current loop, which pytest-asyncio manages.
+    """
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+class ErrorLog:
+    """An ``error_cb`` that keeps every error and can wait for one.
+
+    ``await log.wait_for("permissions violation for publish to \\"x\\"")``
+    returns the first matching error or fails after ``within`` seconds.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, exc: Exception) -> None:
+        async with self._changed:
+            self.errors.append(exc)
+            self._changed.notify_all()
+
+    def matching(self, text: str) -> list[Exception]:
+        return [e for e in self.errors if text.lower() in str(e).lower()]
+
+    @property
+    def violations(self) -> list[Exception]:
+        return self.matching("permissions violation")
+
+    async def wait_for(self, text: str, within: float = 5.0) -> Exception:
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: bool(self.matching(text)))
+            return self.matching(text)[0]
+
+
+class Clients:
+    """Connects as a PKI identity; closes everything it opened in :meth:`aclose`.
+
+    ``await clients("ctl-1", urls)`` returns a connected ``nats.aio.client.Client``;
+    keyword arguments go to :func:`fabric.connect.connect` (``error_cb=``,
+    ``reconnected_cb=``...).
+    """
+
+    def __init__(self, pki: FabricPki, default_urls: Sequence[str] | str | None = None) -> None:
+        self.pki = pki
+        self.default_urls = default_urls
+        self._opened: list[Client] = []
+
+    async def __call__(
+        self, name: str, urls: Sequence[str] | str | None = None, **options: Any
+    ) -> Client:
+        target = urls if urls is not None else self.default_urls
+        if target is None:
+            raise ValueError("no URL given and no default server")
+        ident = self.pki[name]
+        nc = await connect(
+            target, ca=self.pki.ca, cert=ident.cert, key=ident.key, name=name, **options
+        )
+        self._opened.append(nc)
+        return nc
+
+    async def aclose(self) -> None:
+        for nc in self._opened:
+            if not nc.is_closed:
+                # A client whose server is gone may fail to flush on close;
+                # teardown must still close the rest.
+                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                    await nc.close()
+        self._opened.clear()
