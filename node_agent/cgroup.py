@@ -75,6 +75,7 @@ class AgentCgroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._procs = os.fsencode(path / "cgroup.procs")  # read on every metrics tick
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
@@ -85,9 +86,18 @@ class AgentCgroup:
 
     def pids(self) -> list[int]:
         try:
-            return [int(x) for x in _read(self.path / "cgroup.procs").split()]
+            fd = os.open(self._procs, os.O_RDONLY)
         except OSError:
             return []
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except OSError:
+            return []
+        finally:
+            os.close(fd)
+        return [int(x) for x in b"".join(chunks).split()]
 
     def controllers(self) -> frozenset[str]:
         try:

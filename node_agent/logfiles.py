@@ -47,6 +47,7 @@ class LogFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root = os.fspath(root)
 
     def path(self, agent_id: str, stream: Stream, backup: int = 0) -> Path:
         name = f"{stream}.log" if backup == 0 else f"{stream}.log.{backup}"
@@ -73,12 +74,13 @@ class LogFiles:
         """Copy-truncate the files of a running agent that grew past max_bytes."""
         rotated: list[Stream] = []
         for stream in STREAMS:
-            path = self.path(agent_id, stream)
+            # Runs for every agent on every tick: a plain string path is cheapest.
             try:
-                if path.stat().st_size <= spec.max_bytes:
+                if os.stat(f"{self._root}/{agent_id}/{stream}.log").st_size <= spec.max_bytes:
                     continue
             except FileNotFoundError:
                 continue
+            path = self.path(agent_id, stream)
             self._shift(agent_id, stream, spec.backups)
             if spec.backups > 0:
                 _copy_live(path, self.path(agent_id, stream, 1))

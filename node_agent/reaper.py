@@ -92,6 +92,11 @@ class ChildReaper:
         self._loop = asyncio.get_running_loop()
         self.subreaper = become_subreaper()
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        # asyncio's wake-up socket fills after a few hundred pending signals (each
+        # one-byte write costs a whole buffer), e.g. 1,000 agents stopped at once;
+        # a dropped SIGCHLD byte loses nothing since every pass reaps all children,
+        # so the "wakeup fd full" warning is only noise.
+        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
         # Children that exited before the handler existed sent their SIGCHLD to nobody.
         self.reap()
 

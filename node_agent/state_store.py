@@ -1,16 +1,23 @@
 """Durable local state: what this node runs, so a restarted node agent re-adopts it.
 
 One small JSON file per agent, ``<state_dir>/agents/<agent_id>.json``,
-replaced atomically (write a temp file, fsync it, ``os.replace``, fsync the
-directory) on every change that matters: spawn, exit, stop, place, remove.
-Per-agent files keep each write small and independent of how many agents
-the node runs: a burst of 1,000 spawns writes 1,000 small files (~0.5 ms
-each here), not 1,000 copies of one growing file.
+replaced atomically (temp file, ``os.replace``) on every change that
+matters: spawn, exit, stop, place, remove. Per-agent files keep each write
+small and independent of how many agents the node runs.
 
-Nothing is debounced: the spawn record is written right after ``Popen``
-returns and before the supervisor awaits anything, so a node agent killed
-at any later point still finds the pid and create time and re-adopts the
-process instead of starting a duplicate.
+Two strengths of write, because the two ways of losing the node agent differ:
+
+- a crash or kill -9 of the node agent loses nothing that was written: the
+  page cache outlives the process. Spawn and exit records (pid, create time)
+  only matter in this case (after a host crash every agent is dead anyway),
+  so they are written without fsync, right after ``Popen`` returns and
+  before the supervisor awaits anything: a node agent killed at any later
+  point finds the pid and re-adopts the process instead of starting a
+  duplicate.
+- a host crash loses what is not fsynced. What must survive it is the
+  operator's intent: placements (spec, epoch) and manual stops. Those writes
+  are ``durable``: fsync the file, ``os.replace``, fsync the directory
+  (~0.5 ms here).
 """
 
 from __future__ import annotations
@@ -54,17 +61,20 @@ class StateStore:
     def _path(self, agent_id: str) -> Path:
         return self.dir / f"{agent_id}.json"
 
-    def save(self, record: AgentRecord) -> None:
+    def save(self, record: AgentRecord, *, durable: bool = True) -> None:
+        """Atomic replace; ``durable`` also survives a host crash (fsync)."""
         path = self._path(record.spec.name)
         tmp = path.with_suffix(".json.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, _encoder.encode(record))
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._sync_dir()
+        if durable:
+            self._sync_dir()
 
     def delete(self, agent_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

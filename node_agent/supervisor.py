@@ -404,10 +404,11 @@ class Supervisor:
         """Start a run now (from a settled state) and the loop that follows it."""
         a.manual_stop = a.keep_desired = False
         self._ensure_cgroup(a)
-        if self._spawn(a, reason):
+        if self._spawn(a, reason, durable=True):
             a.task = self._track(self._supervise(a), f"agent-{a.id}")
 
-    def _spawn(self, a: _Agent, reason: str) -> bool:
+    def _spawn(self, a: _Agent, reason: str, *, durable: bool = False) -> bool:
+        """Start one run. ``durable``: an operator's placement or start (see state_store)."""
         spec = a.spec
         try:
             out, err = self._logs.open_for_spawn(a.id, spec.logs)
@@ -444,7 +445,8 @@ class Supervisor:
         a.seen, a.cause, a.frozen = {}, None, False
         a.health, a.metrics = HealthVerdict.UNKNOWN, None
         self._move(a, S.STARTING, reason)
-        self._save(a)  # before any await: a node agent killed from here on re-adopts it
+        # Before any await: a node agent killed from here on re-adopts this process.
+        self._save(a, durable=durable)
         if spec.start_seconds == 0:
             self._running(a, "started")
         return True
@@ -559,6 +561,7 @@ class Supervisor:
     async def _stop(self, a: _Agent, grace: float | None, reason: str = "stop requested") -> None:
         """Bring the agent to ``stopped``; the caller holds ``a.lock``."""
         a.manual_stop = True
+        self._save(a, durable=True)  # the operator's intent must outlive a host crash
         state = a.lc.state
         if state in (S.STARTING, S.RUNNING, S.PAUSED):
             self._move(a, S.STOPPING, reason)
@@ -851,7 +854,7 @@ class Supervisor:
         except Exception:
             log.exception("on_event callback failed")
 
-    def _save(self, a: _Agent) -> None:
+    def _save(self, a: _Agent, *, durable: bool = False) -> None:
         state = a.lc.state
         desired = state not in FINAL or a.keep_desired
         record = AgentRecord(
@@ -866,7 +869,7 @@ class Supervisor:
             last_state=state.value,
         )
         try:
-            self._store.save(record)
+            self._store.save(record, durable=durable)
         except OSError:
             log.exception("cannot save the state of %s", a.id)
 

@@ -6,7 +6,7 @@ import resource
 from pathlib import Path
 
 import pytest
-from agents.harness import policy, running, script, spec
+from agents.harness import policy, running, script, spec, until
 
 from node_agent.cgroup import CgroupTree, find_cgroup2_mount, own_cgroup_path
 from node_agent.limits import cgroup_settings, memory_exceeded, plan_limits, rlimits_for
@@ -117,10 +117,12 @@ async def test_cgroup_tree_when_available(tmp_path: Path) -> None:
         if sup.cgroups is None:
             pytest.skip("no writable cgroup v2 subtree on this host")
         status = await sup.place(spec("cg", ["sh", "-c", "sleep 100 & wait"]))
-        procs = (sup.cgroups.base / "cg" / "cgroup.procs").read_text().split()
-        assert str(status.pid) in procs
+        procs = sup.cgroups.base / "cg" / "cgroup.procs"
+        assert str(status.pid) in procs.read_text().split()
+        await until(lambda: len(procs.read_text().split()) == 2)  # sh has forked sleep
         await sup.tick()
-        assert sup.status("cg").metrics is not None
-        assert sup.status("cg").metrics.children >= 1  # type: ignore[union-attr]
+        metrics = sup.status("cg").metrics
+        assert metrics is not None
+        assert metrics.children == 1
         await sup.stop("cg")
-        assert (sup.cgroups.base / "cg" / "cgroup.procs").read_text() == ""
+        await until(lambda: procs.read_text() == "")  # the kill reached sleep too
