@@ -19,20 +19,23 @@ The resulting mapping (limit name -> LimitMechanism) is what
 
 from __future__ import annotations
 
+import logging
 import resource
-from collections.abc import Callable
 
+from node_agent.cgroup import AgentCgroup
 from schemas.agent import LimitMechanism, Limits
 
 __all__ = [
     "CPU_PERIOD_US",
     "Plan",
+    "apply_limits",
     "cgroup_settings",
     "memory_exceeded",
     "plan_limits",
-    "rlimit_preexec",
     "rlimits_for",
 ]
+
+log = logging.getLogger(__name__)
 
 CPU_PERIOD_US = 100_000
 Plan = dict[str, LimitMechanism]
@@ -68,28 +71,10 @@ def cgroup_settings(limits: Limits, plan: Plan) -> dict[str, str]:
 
 
 def rlimits_for(limits: Limits) -> list[RLimit]:
+    """rlimits to set in the child before exec (see spawn: why not prlimit after)."""
     if limits.open_files is None:
         return []
     return [(resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)]
-
-
-def rlimit_preexec(rlimits: list[RLimit]) -> Callable[[], None] | None:
-    """A ``preexec_fn`` setting the rlimits in the child, or None when there are none.
-
-    Applied in the child rather than with ``prlimit(pid)`` after spawn: the
-    child has already exec'd by the time ``Popen`` returns, so a program
-    that reads or uses its limits at once would race the parent.
-    ``preexec_fn`` costs about 1 ms (fork instead of vfork), so it is used
-    only when the spec asks for a limit.
-    """
-    if not rlimits:
-        return None
-
-    def apply() -> None:
-        for res, soft, hard in rlimits:
-            resource.setrlimit(res, (soft, hard))
-
-    return apply
 
 
 def memory_exceeded(limits: Limits, plan: Plan, rss_bytes: int) -> bool:
@@ -99,3 +84,16 @@ def memory_exceeded(limits: Limits, plan: Plan, rss_bytes: int) -> bool:
         and limits.memory_bytes is not None
         and rss_bytes > limits.memory_bytes
     )
+
+
+def apply_limits(limits: Limits, cgroup: AgentCgroup | None) -> Plan:
+    """Plan the limits for an agent's cgroup (or none) and write the cgroup's part."""
+    plan = plan_limits(limits, cgroup.controllers() if cgroup is not None else frozenset())
+    if cgroup is not None:
+        for name, value in cgroup_settings(limits, plan).items():
+            try:
+                cgroup.set(name, value)
+            except OSError as exc:
+                # The controller was listed but refuses the value: say so, run anyway.
+                log.warning("cannot set %s=%s in %s: %s", name, value, cgroup.path, exc)
+    return plan

@@ -36,12 +36,22 @@ import psutil
 from schemas.agent import AgentMetrics
 from schemas.node import NodeMetrics
 
-__all__ = ["ProcKey", "ProcTable", "TreeSample", "TreeSampler", "node_metrics"]
+__all__ = [
+    "AGENT_ID_ENV",
+    "ProcKey",
+    "ProcTable",
+    "TreeSample",
+    "TreeSampler",
+    "TreeTracker",
+    "node_metrics",
+]
 
 ProcKey = tuple[int, float]  # (pid, create_time): one process, even across pid reuse
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MIN_SPAN = 0.25  # seconds; CPU times tick in 10 ms steps, shorter rates are noise
+# Set in every agent's environment; names the owner of a process re-parented to us.
+AGENT_ID_ENV = "FABRIC_AGENT_ID"
 
 
 @dataclass(slots=True)
@@ -183,6 +193,109 @@ class TreeSampler:
         for pid in set(self._seen) - self._touched:
             del self._seen[pid]
         self._touched.clear()
+
+
+class TreeTracker:
+    """Which processes make up an agent's tree, and their metrics.
+
+    In a cgroup: its members. Otherwise the descendants of the main pid in a
+    /proc scan, plus descendants seen before that escaped (re-parented to us
+    when their parent died), plus processes re-parented to us that carry the
+    agent's id in their environment (a double-forked daemon that was never
+    seen as a descendant). ``seen`` (pid -> create time) is what a stop kills
+    at the end, each checked by create time first.
+    """
+
+    def __init__(self) -> None:
+        self.sampler = TreeSampler()
+        self._table: tuple[float, ProcTable] | None = None
+        self._checked: set[int] = set()  # re-parented pids whose environ was read
+
+    def table(self, max_age: float = 0.0) -> ProcTable:
+        """A /proc scan, reused while younger than ``max_age`` (parallel stops)."""
+        now = time.monotonic()
+        if self._table is None or now - self._table[0] > max_age:
+            self._table = (now, ProcTable.scan())
+        return self._table[1]
+
+    @staticmethod
+    def tree(
+        root: int, cgroup_pids: list[int] | None, seen: dict[int, float], table: ProcTable | None
+    ) -> list[int]:
+        """The root pid first, then every other member."""
+        if cgroup_pids is not None:
+            return [root, *(p for p in cgroup_pids if p != root)]
+        assert table is not None
+        tree = [root, *table.descendants(root)]
+        known = set(tree)
+        for pid in seen:
+            if pid not in known and table.exists(pid):
+                tree.append(pid)
+                tree.extend(table.descendants(pid))
+        return tree
+
+    def sample(
+        self,
+        root: int,
+        cgroup_pids: list[int] | None,
+        seen: dict[int, float],
+        table: ProcTable | None,
+    ) -> tuple[AgentMetrics, dict[int, float]]:
+        """Metrics of the tree and the new ``seen`` (escaped ones kept while alive)."""
+        result = self.sampler.sample(self.tree(root, cgroup_pids, seen, table))
+        members = dict(result.members)
+        if cgroup_pids is None and table is not None:
+            for pid, created in seen.items():
+                if pid not in members and table.exists(pid):
+                    members[pid] = created
+        members.pop(root, None)
+        return result.metrics, members
+
+    def snapshot(self, root: int, seen: dict[int, float], max_age: float) -> dict[int, float]:
+        """``seen`` plus the descendants there are right now (before a stop)."""
+        out = dict(seen)
+        table = self.table(max_age)
+        for pid in self.tree(root, None, seen, table)[1:]:
+            if pid not in out:
+                created = self.create_time_of(pid)
+                if created is not None:
+                    out[pid] = created
+        return out
+
+    def orphans(self, table: ProcTable, roots: dict[int, str]) -> dict[str, dict[int, float]]:
+        """Our children that we did not spawn (``roots``: main pid -> agent id),
+        by the agent id in their environment; each pid is read once."""
+        found: dict[str, dict[int, float]] = {}
+        current = set(table.children.get(os.getpid(), ()))
+        self._checked &= current
+        for pid in current - roots.keys() - self._checked:
+            self._checked.add(pid)
+            owner = _agent_of(pid)
+            created = self.create_time_of(pid)
+            if owner is not None and created is not None:
+                found.setdefault(owner, {})[pid] = created
+        return found
+
+    def create_time_of(self, pid: int) -> float | None:
+        fields = _stat_fields(pid)
+        return None if fields is None else self.sampler.create_time(int(fields[19]))
+
+    def end_tick(self) -> None:
+        self.sampler.end_tick()
+
+
+def _agent_of(pid: int) -> str | None:
+    """The agent id in a process's environment, if it carries our marker."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return None
+    marker = AGENT_ID_ENV.encode() + b"="
+    for item in env.split(b"\0"):
+        if item.startswith(marker):
+            return item[len(marker) :].decode(errors="replace")
+    return None
 
 
 def node_metrics(state_dir: Path) -> NodeMetrics:

@@ -6,9 +6,10 @@ child has exec'd (or raises the exec error), which is what ``starting``
 means. Without ``preexec_fn`` CPython spawns with vfork (~0.1 ms here);
 a ``preexec_fn`` forces a full fork (~1 ms, growing with our RSS), so the
 child-side hook is installed only when the spec has rlimits or the agent
-gets its own cgroup. Joining the cgroup in the child, before exec, means no
-descendant can be forked outside it; a parent-side write after spawn would
-race a child that forks at once.
+gets its own cgroup. Both are applied in the child, before exec: the child
+has already exec'd when Popen returns, so ``prlimit(pid)`` or a write of
+the pid into ``cgroup.procs`` from the parent would race a program that
+reads its limits or forks at once.
 
 The caller must register the pid with the reaper before its next await and
 hand the Popen to :func:`mark_reaped` once the reaper has the status, so

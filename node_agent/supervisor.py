@@ -47,15 +47,9 @@ import psutil
 from node_agent.cgroup import AgentCgroup, CgroupTree
 from node_agent.health import HealthMonitor, make_probe
 from node_agent.lifecycle import AgentLifecycle
-from node_agent.limits import (
-    Plan,
-    cgroup_settings,
-    memory_exceeded,
-    plan_limits,
-    rlimits_for,
-)
+from node_agent.limits import Plan, apply_limits, memory_exceeded, rlimits_for
 from node_agent.logfiles import LogFiles, Stream
-from node_agent.metrics import ProcTable, TreeSampler, node_metrics
+from node_agent.metrics import AGENT_ID_ENV, ProcTable, TreeTracker, node_metrics
 from node_agent.reaper import ChildReaper, ExitInfo, same_process
 from node_agent.restart import ExitReport, GiveUp, Restart, RestartTracker
 from node_agent.spawn import (
@@ -88,7 +82,6 @@ EventCallback = Callable[[str, str, dict[str, Any]], None]
 SIGNALS: frozenset[str] = frozenset(get_args(SignalName))
 LIVE = frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.STOPPING})
 FINAL = frozenset({S.STOPPED, S.EXITED, S.FAILED})
-AGENT_ID_ENV = "FABRIC_AGENT_ID"
 # How long a /proc scan is reused by stops that start together (100 parallel stops).
 _TABLE_MAX_AGE = 0.25
 # After SIGKILL the kernel needs a moment; past this something is badly wrong.
@@ -160,12 +153,10 @@ class Supervisor:
         self._reaper = ChildReaper()
         self._store = StateStore(config.state_dir)
         self._logs = LogFiles(config.state_dir / "logs")
-        self._sampler = TreeSampler()
+        self._trees = TreeTracker()
         self._cgroups: CgroupTree | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics_task: asyncio.Task[None] | None = None
-        self._table: tuple[float, ProcTable] | None = None
-        self._orphans_checked: set[int] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -175,8 +166,13 @@ class Supervisor:
         self._loop = asyncio.get_running_loop()
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._reaper.start()
-        self._cgroups = self._detect_cgroups()
-        self._readopt()
+        try:
+            self._cgroups = self._detect_cgroups()
+            self._readopt()
+        except BaseException:
+            await self._cancel_tasks()
+            self._reaper.close()
+            raise
         self._metrics_task = self._loop.create_task(self._metrics_loop(), name="metrics")
         return self
 
@@ -381,21 +377,22 @@ class Supervisor:
     async def tick(self) -> None:
         """One metrics pass over every live agent (the metrics loop calls this)."""
         live = [a for a in self._agents.values() if a.pid is not None and a.lc.state in LIVE]
-        table = self._proc_table(0.0) if any(a.cgroup is None for a in live) else None
+        table = self._trees.table() if any(a.cgroup is None for a in live) else None
         if table is not None:
-            self._attribute_orphans(table)
+            self._adopt_orphans(table)
         for i, a in enumerate(live):
             if i and i % 64 == 0:
                 await asyncio.sleep(0)  # let exits and commands through during a big tick
             if a.pid is None or a.lc.state not in LIVE:
                 continue
             self._sample(a, table)
-            if memory_exceeded(a.spec.limits, a.plan, a.metrics.rss_bytes if a.metrics else 0):
+            rss = a.metrics.rss_bytes if a.metrics else 0
+            if a.lc.state in (S.RUNNING, S.PAUSED) and memory_exceeded(a.spec.limits, a.plan, rss):
                 self._limit_exceeded(a)
             with contextlib.suppress(OSError):
                 self._logs.rotate_if_needed(a.id, a.spec.logs)
             self._emit(a)
-        self._sampler.end_tick()
+        self._trees.end_tick()
         self._reaper.poll_foreign()
 
     # -- the per-agent loop -------------------------------------------------------
@@ -679,73 +676,27 @@ class Supervisor:
             except OSError as exc:
                 log.warning("no cgroup for %s: %s", a.id, exc)
                 a.cgroup = None
-        controllers = a.cgroup.controllers() if a.cgroup is not None else frozenset()
-        a.plan = plan_limits(a.spec.limits, controllers)
-        if a.cgroup is not None:
-            for name, value in cgroup_settings(a.spec.limits, a.plan).items():
-                try:
-                    a.cgroup.set(name, value)
-                except OSError as exc:
-                    log.warning("cannot set %s=%s for %s: %s", name, value, a.id, exc)
+        a.plan = apply_limits(a.spec.limits, a.cgroup)
 
     # -- process trees -------------------------------------------------------------
 
-    def _proc_table(self, max_age: float) -> ProcTable:
-        now = self._now()
-        if self._table is None or now - self._table[0] > max_age:
-            self._table = (now, ProcTable.scan())
-        return self._table[1]
-
-    def _tree(self, a: _Agent, table: ProcTable | None) -> list[int]:
-        assert a.pid is not None
-        if a.cgroup is not None:
-            members = a.cgroup.pids()
-            if a.pid in members:
-                members.remove(a.pid)
-            return [a.pid, *members]
-        assert table is not None
-        tree = [a.pid, *table.descendants(a.pid)]
-        # Descendants that escaped (re-parented to us) stay part of the agent.
-        known = set(tree)
-        for pid in a.seen:
-            if pid not in known and table.exists(pid):
-                tree.append(pid)
-                tree.extend(table.descendants(pid))
-        return tree
-
     def _sample(self, a: _Agent, table: ProcTable | None) -> None:
-        sample = self._sampler.sample(self._tree(a, table))
-        a.metrics = sample.metrics
-        seen = dict(sample.members)
-        if a.cgroup is None and table is not None:
-            for pid, created in a.seen.items():
-                if pid not in seen and table.exists(pid):
-                    seen[pid] = created
-        seen.pop(a.pid or 0, None)
-        a.seen = seen
+        assert a.pid is not None
+        cgroup_pids = a.cgroup.pids() if a.cgroup is not None else None
+        a.metrics, a.seen = self._trees.sample(a.pid, cgroup_pids, a.seen, table)
 
     def _refresh_tree(self, a: _Agent) -> None:
         """Before a stop without cgroup: note descendants that appeared since the last tick."""
-        table = self._proc_table(_TABLE_MAX_AGE)
-        self._attribute_orphans(table)
-        for pid in self._tree(a, table)[1:]:
-            if pid not in a.seen:
-                with contextlib.suppress(psutil.Error):
-                    a.seen[pid] = psutil.Process(pid).create_time()
+        assert a.pid is not None
+        self._adopt_orphans(self._trees.table(_TABLE_MAX_AGE))
+        a.seen = self._trees.snapshot(a.pid, a.seen, _TABLE_MAX_AGE)
 
-    def _attribute_orphans(self, table: ProcTable) -> None:
-        """Processes re-parented to us that we did not spawn belong to the agent whose
-        id their environment carries (a double-forked daemon escaping its group)."""
-        mine = {a.pid for a in self._agents.values() if a.pid is not None}
-        current = set(table.children.get(os.getpid(), ()))
-        self._orphans_checked &= current
-        for pid in current - mine - self._orphans_checked:
-            self._orphans_checked.add(pid)
-            owner = _agent_of(pid)
-            a = self._agents.get(owner) if owner else None
+    def _adopt_orphans(self, table: ProcTable) -> None:
+        roots = {a.pid: a.id for a in self._agents.values() if a.pid is not None}
+        for agent_id, procs in self._trees.orphans(table, roots).items():
+            a = self._agents.get(agent_id)
             if a is not None and a.pid is not None:
-                with contextlib.suppress(psutil.Error):
-                    a.seen[pid] = psutil.Process(pid).create_time()
+                a.seen.update(procs)
 
     # -- re-adoption -----------------------------------------------------------------
 
@@ -904,17 +855,3 @@ def _mark_reaped(popen: subprocess.Popen[bytes]) -> Callable[[asyncio.Future[Exi
             mark_reaped(popen, fut.result())
 
     return done
-
-
-def _agent_of(pid: int) -> str | None:
-    """The agent id in a process's environment, if it has one we set."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read()
-    except OSError:
-        return None
-    marker = AGENT_ID_ENV.encode() + b"="
-    for item in env.split(b"\0"):
-        if item.startswith(marker):
-            return item[len(marker) :].decode(errors="replace")
-    return None
