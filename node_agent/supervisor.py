@@ -37,6 +37,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -215,15 +216,15 @@ class Supervisor:
 
     async def place(self, spec: AgentSpec, epoch: int = 0) -> AgentStatus:
         """Run ``spec``; the same spec and epoch again is a no-op, a new one replaces it."""
-        a = self._agents.get(spec.name)
-        if a is None:
+        self._require_open()
+        if spec.name not in self._agents:
             a = _Agent(spec, epoch, self._rng)
             self._agents[spec.name] = a
             self._event("agent.placed", a, epoch=epoch)
             async with a.lock:
                 self._launch(a, "placed")
             return self._status(a)
-        async with a.lock:
+        async with self._hold(spec.name) as a:
             if epoch < a.epoch:
                 raise ContractError(
                     ErrorCode.STALE_EPOCH, f"agent {a.id} is at epoch {a.epoch}, not {epoch}"
@@ -239,8 +240,8 @@ class Supervisor:
             return self._status(a)
 
     async def start(self, agent_id: str) -> AgentStatus:
-        a = self._get(agent_id)
-        async with a.lock:
+        self._require_open()
+        async with self._hold(agent_id) as a:
             if a.lc.state not in FINAL:
                 raise ContractError(
                     ErrorCode.INVALID_STATE, f"agent {agent_id} is {a.lc.state.value}"
@@ -251,8 +252,7 @@ class Supervisor:
 
     async def stop(self, agent_id: str, timeout: float | None = None) -> AgentStatus:  # noqa: ASYNC109 - a grace period (stop_timeout override), not a deadline
         """Manual stop: stop signal, ``timeout`` (else spec.stop_timeout), then SIGKILL."""
-        a = self._get(agent_id)
-        async with a.lock:
+        async with self._hold(agent_id) as a:
             await self._stop(a, timeout)
             return self._status(a)
 
@@ -269,8 +269,8 @@ class Supervisor:
         return [t.result() for t in tasks]
 
     async def restart(self, agent_id: str) -> AgentStatus:
-        a = self._get(agent_id)
-        async with a.lock:
+        self._require_open()
+        async with self._hold(agent_id) as a:
             if a.lc.state not in FINAL:
                 await self._stop(a, None, reason="restart requested")
             a.tracker.reset()
@@ -280,8 +280,7 @@ class Supervisor:
     async def signal(self, agent_id: str, signame: SignalName) -> AgentStatus:
         if signame not in SIGNALS:
             raise ContractError(ErrorCode.INVALID_PAYLOAD, f"signal {signame!r} is not allowed")
-        a = self._get(agent_id)
-        async with a.lock:
+        async with self._hold(agent_id) as a:
             if a.lc.state not in LIVE or a.pid is None:
                 raise ContractError(
                     ErrorCode.INVALID_STATE, f"agent {agent_id} is {a.lc.state.value}"
@@ -291,8 +290,7 @@ class Supervisor:
             return self._status(a)
 
     async def pause(self, agent_id: str) -> AgentStatus:
-        a = self._get(agent_id)
-        async with a.lock:
+        async with self._hold(agent_id) as a:
             self._require(a, S.RUNNING, "pause")
             self._freeze(a, True)
             self._move(a, S.PAUSED, "paused by request")
@@ -300,8 +298,7 @@ class Supervisor:
             return self._status(a)
 
     async def resume(self, agent_id: str) -> AgentStatus:
-        a = self._get(agent_id)
-        async with a.lock:
+        async with self._hold(agent_id) as a:
             self._require(a, S.PAUSED, "resume")
             self._freeze(a, False)
             self._move(a, S.RUNNING, "resumed by request")
@@ -310,8 +307,7 @@ class Supervisor:
 
     async def remove(self, agent_id: str) -> AgentStatus:
         """Stop the agent, then forget it: state record, cgroup and log files."""
-        a = self._get(agent_id)
-        async with a.lock:
+        async with self._hold(agent_id) as a:
             await self._stop(a, None)
             final = self._status(a)
             self._store.delete(agent_id)
@@ -455,7 +451,7 @@ class Supervisor:
     def _spawn_failed(self, a: _Agent, reason: str) -> None:
         if a.lc.state is not S.FAILED:
             self._move(a, S.FAILED, reason)
-        self._save(a)
+        self._save(a, durable=True)  # may be a first placement: its spec must be kept
         self._event("agent.failed", a, reason=reason, escalate=False)
 
     async def _supervise(self, a: _Agent) -> None:
@@ -743,6 +739,19 @@ class Supervisor:
             self._settle(a, S.EXITED, reason)
 
     # -- plumbing --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _hold(self, agent_id: str) -> AsyncIterator[_Agent]:
+        """The agent, locked against other commands; NOT_FOUND if removed meanwhile."""
+        a = self._get(agent_id)
+        async with a.lock:
+            if self._agents.get(agent_id) is not a:
+                raise ContractError(ErrorCode.NOT_FOUND, f"agent {agent_id!r} was removed")
+            yield a
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ContractError(ErrorCode.UNAVAILABLE, "the node agent is shutting down")
 
     def _get(self, agent_id: str) -> _Agent:
         a = self._agents.get(agent_id)

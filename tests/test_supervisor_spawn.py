@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -176,3 +177,23 @@ async def test_python_child_runs(tmp_path: Path) -> None:
         done = await rec.state("py", S.EXITED)
         assert done.exit_code == 0
         assert sup.tail_logs("py", "stdout", 1)[0].startswith("nofile ")
+
+
+async def test_place_after_shutdown_is_refused(tmp_path: Path) -> None:
+    async with running(tmp_path) as (sup, _rec):
+        await sup.shutdown("drain")
+        with pytest.raises(ContractError) as err:
+            await sup.place(spec("late", ["sleep", "100"]))
+        assert err.value.code is ErrorCode.UNAVAILABLE
+        assert sup.statuses() == []
+
+
+async def test_commands_racing_a_remove_get_not_found(tmp_path: Path) -> None:
+    async with running(tmp_path) as (sup, _rec):
+        await sup.place(spec("r", ["sleep", "100"]))
+        removing = asyncio.ensure_future(sup.remove("r"))
+        await asyncio.sleep(0)  # wait-ok: let remove take the agent's lock first
+        with pytest.raises(ContractError) as err:
+            await sup.pause("r")
+        assert err.value.code is ErrorCode.NOT_FOUND
+        assert (await removing).state is S.STOPPED
