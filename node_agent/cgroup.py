@@ -185,6 +185,14 @@ class CgroupTree:
         path.mkdir(exist_ok=True)
         return AgentCgroup(path)
 
+    def prune(self, keep: set[str]) -> None:
+        """rmdir the empty agent cgroups not in ``keep`` (left by removed agents)."""
+        with contextlib.suppress(OSError):
+            for child in self.base.iterdir():
+                if child.is_dir() and child.name not in keep:
+                    with contextlib.suppress(OSError):
+                        child.rmdir()  # fails, as it should, while processes remain
+
     def remove_base(self) -> None:
         """Drop the agents' parent when it is empty (drain shutdown)."""
         with contextlib.suppress(OSError):

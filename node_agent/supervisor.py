@@ -697,7 +697,10 @@ class Supervisor:
     # -- re-adoption -----------------------------------------------------------------
 
     def _readopt(self) -> None:
-        for record in self._store.load_all().values():
+        records = self._store.load_all()
+        if self._cgroups is not None:
+            self._cgroups.prune(set(records))
+        for record in records.values():
             a = _Agent(record.spec, record.epoch, self._rng)
             a.restarts = record.restarts
             a.manual_stop = record.manual_stop

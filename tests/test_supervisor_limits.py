@@ -126,3 +126,18 @@ async def test_cgroup_tree_when_available(tmp_path: Path) -> None:
         assert metrics.children == 1
         await sup.stop("cg")
         await until(lambda: procs.read_text() == "")  # the kill reached sleep too
+
+
+async def test_stale_empty_agent_cgroups_are_pruned_at_start(tmp_path: Path) -> None:
+    async with running(tmp_path) as (sup, _rec):
+        if sup.cgroups is None:
+            pytest.skip("no writable cgroup v2 subtree on this host")
+        await sup.place(spec("kept", ["sleep", "100"]))
+        stale = sup.cgroups.base / "stale"
+        stale.mkdir()
+        await sup.shutdown("detach")
+    async with running(tmp_path) as (sup, _rec):
+        assert sup.cgroups is not None
+        assert not stale.exists()
+        assert (sup.cgroups.base / "kept").is_dir()
+        assert sup.status("kept").reason == "re-adopted"
