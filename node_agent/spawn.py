@@ -88,9 +88,14 @@ def spawn(
     ``stdout``/``stderr`` are file descriptors the child writes to directly.
     """
     user_kw: dict[str, object] = {}
+    join_in_child = cgroup_procs
     if spec.user is not None or spec.group is not None:
         user_kw = _identity(spec.user, spec.group)
-    return subprocess.Popen(
+        # Popen drops the identity before preexec_fn runs, and an unprivileged
+        # process may not move itself into our cgroup: the parent moves it just
+        # after exec instead (a child forking in those microseconds escapes).
+        join_in_child = None
+    popen = subprocess.Popen(
         build_argv(spec),
         stdin=subprocess.DEVNULL,
         stdout=stdout,
@@ -99,9 +104,19 @@ def spawn(
         env=build_env(spec, extra_env),
         close_fds=True,
         start_new_session=True,
-        preexec_fn=_child_setup(rlimits or [], cgroup_procs),
+        preexec_fn=_child_setup(rlimits or [], join_in_child),
         **user_kw,  # type: ignore[arg-type]
     )
+    if cgroup_procs is not None and join_in_child is None:
+        try:
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            try:
+                os.write(fd, str(popen.pid).encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # already gone: the reaper reports its exit
+    return popen
 
 
 def _identity(user: str | None, group: str | None) -> dict[str, object]:

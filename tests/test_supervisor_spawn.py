@@ -197,3 +197,18 @@ async def test_commands_racing_a_remove_get_not_found(tmp_path: Path) -> None:
             await sup.pause("r")
         assert err.value.code is ErrorCode.NOT_FOUND
         assert (await removing).state is S.STOPPED
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+async def test_user_and_group_when_root(tmp_path: Path) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    async with running(tmp_path) as (sup, rec):
+        await sup.place(
+            spec(
+                "who", ["sh", "-c", "id -u; id -g"], user="nobody", cwd="/", restart=policy("never")
+            )
+        )
+        await rec.state("who", S.EXITED)
+        assert sup.tail_logs("who", "stdout", 2) == [str(nobody.pw_uid), str(nobody.pw_gid)]
