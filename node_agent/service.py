@@ -31,10 +31,11 @@ from fabric.connect import ConnectError, connect
 from fabric.tokens import Claims, TokenVerifier
 from node_agent.commands import CommandHandler
 from node_agent.config import NodeAgentConfig
+from node_agent.fencing import PartitionFence
 from node_agent.sdnotify import Notifier
 from node_agent.supervisor import Supervisor, SupervisorConfig
 from schemas import subjects
-from schemas.agent import AgentStatus
+from schemas.agent import AgentState, AgentStatus
 from schemas.codec import decode, encode
 from schemas.common import utc_now
 from schemas.errors import ContractError, ErrorReply
@@ -115,6 +116,8 @@ class NodeAgent:
         self._heartbeat_interval = config.heartbeat_interval
         self._started_at = utc_now()
         self._registered = False
+        self._fence = PartitionFence()
+        self._fenced_agents: set[str] = set()
         self.ready = asyncio.Event()
         """Set once the node is connected and subscribed (or running standalone)."""
         self._supervisor: Supervisor | None = None
@@ -153,6 +156,7 @@ class NodeAgent:
                 asyncio.create_task(self._nats_loop(), name="nats"),
                 asyncio.create_task(self._publish_loop(), name="publish"),
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._contact_loop(), name="contact"),
                 asyncio.create_task(self._watchdog_loop(), name="watchdog"),
             ]
             try:
@@ -387,13 +391,36 @@ class NodeAgent:
             log.error("registration refused: %s", reply.message)
             return
         self._registered = True
+        log.info("registered with a controller: %d placements here", len(reply.agents))
         # The controller's liveness clock is tuned to its own interval.
         self._heartbeat_interval = reply.heartbeat_interval or self._heartbeat_interval
+        self._fence.arm(reply.node_timeout, asyncio.get_running_loop().time())
+        fenced, self._fenced_agents = self._fenced_agents, set()
+        await self._drop_unplaced(reply)
         for placement in reply.agents:
+            name = placement.spec.name
             try:
-                await sup.place(placement.spec, placement.epoch)
+                status = await sup.place(placement.spec, placement.epoch)
+                if name in fenced and status.epoch == placement.epoch:
+                    # Still ours after the partition: bring the fenced copy back.
+                    await sup.start(name)
             except ContractError as exc:
-                log.error("cannot place %s: %s", placement.spec.name, exc)
+                log.error("cannot place %s: %s", name, exc)
+
+    async def _drop_unplaced(self, reply: RegisterReply) -> None:
+        """Remove controller-placed copies (epoch > 0) the controller no longer places here.
+
+        After a partition this is how a node learns its copy is stale; copies
+        started by hand (epoch 0) are not the controller's to take away.
+        """
+        sup = self._require_supervisor()
+        placed = {p.spec.name for p in reply.agents}
+        stale = [s.agent_id for s in sup.statuses() if s.epoch > 0 and s.agent_id not in placed]
+        for agent_id in stale:
+            log.warning("%s is no longer placed on this node: removing the stale copy", agent_id)
+            with contextlib.suppress(ContractError):
+                await sup.remove(agent_id)
+            self._on_event("agent.stale_removed", agent_id, {"reason": "not placed here"})
 
     def _summaries(self) -> list[AgentSummary]:
         return [
@@ -430,6 +457,51 @@ class NodeAgent:
             )
             self._outbox.put(subject, encode(beat), key="__heartbeat__")
             await asyncio.sleep(self._heartbeat_interval)
+
+    async def _contact_loop(self) -> None:
+        """Probe the server twice per heartbeat; fence or un-fence on what it shows."""
+        await self._connected.wait()
+        loop = asyncio.get_running_loop()
+        while True:
+            period = self._heartbeat_interval / 2
+            if self._fence.must_fence(loop.time()):
+                await self._self_fence()
+            sent = loop.time()
+            if await self._round_trip(period):
+                # A pause that began inside the round trip still counts as lost contact.
+                if self._fence.must_fence(loop.time()):
+                    await self._self_fence()
+                if self._fence.contact(sent):
+                    log.warning("contact with NATS is back; asking the controller what is ours")
+                    self._spawn(self._register())
+            await asyncio.sleep(max(0.0, sent + period - loop.time()))
+
+    async def _round_trip(self, timeout: float) -> bool:  # noqa: ASYNC109 - the probe's own bound
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return False
+        try:
+            await nc.flush(timeout=max(timeout, 0.05))
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
+
+    async def _self_fence(self) -> None:
+        sup = self._require_supervisor()
+        doomed = [
+            s.agent_id
+            for s in sup.statuses()
+            if sup.spec(s.agent_id).on_partition == "stop"
+            and s.state in (AgentState.STARTING, AgentState.RUNNING, AgentState.PAUSED)
+        ]
+        if not doomed:
+            return
+        log.warning("out of contact with NATS: stopping %d on_partition=stop agents", len(doomed))
+        self._fenced_agents.update(doomed)
+        # Short grace: the copy must be down before the controller re-places it.
+        await sup.stop_many(doomed, timeout=0.2)
+        for agent_id in doomed:
+            self._on_event("agent.fenced", agent_id, {"reason": "out of contact with NATS"})
 
     async def _watchdog_loop(self) -> None:
         interval = self._notifier.watchdog_interval

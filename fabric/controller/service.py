@@ -253,7 +253,10 @@ class Controller:
         if self._tg is None:
             coro.close()
             return
-        self._tg.create_task(coro)
+        try:
+            self._tg.create_task(coro)
+        except RuntimeError:
+            coro.close()  # the group is shutting down: nothing new starts
 
     async def _on_lead(self, leader: bool) -> None:
         loop = asyncio.get_running_loop()
