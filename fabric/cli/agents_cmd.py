@@ -65,6 +65,7 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _POLL = 0.5
 _LOG_LINES = 10
+_SETTLING = frozenset({AgentState.PENDING, AgentState.STARTING})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -459,10 +460,12 @@ async def _lifecycle_async(
     async def one(agent_id: str, within: float) -> str | None:
         try:
             result = await client.command(agent_id, command, within=within)
+            status = result.status
+            if status is not None and isinstance(command, StartAgent | RestartAgent):
+                status = await _settle(client, status)
         except CommandFailed as exc:
             return str(exc)
-        state = result.status.state.value if result.status else "done"
-        print(f"{agent_id} {state}", flush=True)
+        print(f"{agent_id} {status.state.value if status else 'done'}", flush=True)
         return None
 
     async with asyncio.TaskGroup() as tg:
@@ -472,6 +475,21 @@ async def _lifecycle_async(
         text = error if error and agent_id in error else f"{agent_id}: {error}"
         print(f"fabric: {text}", file=sys.stderr)
     return 1 if failures else 0
+
+
+async def _settle(client: FabricClient, status: AgentStatus, limit: float = 60.0) -> AgentStatus:
+    """Wait out `starting` (the spec's start_seconds) so start/restart report the outcome."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while status.state in _SETTLING and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        result = await client.command(status.agent_id, StatusAgent())
+        if result.status is None:
+            break
+        status = result.status
+    if status.state in (AgentState.BACKOFF, AgentState.EXITED, AgentState.FAILED):
+        raise CommandFailed(f"{status.agent_id} {_exit_text(status)}")
+    return status
 
 
 # --- rm ------------------------------------------------------------------------
