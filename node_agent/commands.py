@@ -93,7 +93,8 @@ class CommandHandler:
         on_drain: Callable[[], Awaitable[None]],
         on_shutdown: Callable[[Literal["drain", "detach"]], Awaitable[None]],
         on_accepted: Callable[[str, str | None, Claims], None] | None = None,
-        max_bytes: int = 1024 * 1024,
+        on_follow_logs: Callable[[str, float], None] | None = None,
+        max_bytes: int = 256 * 1024,
     ) -> None:
         self._node_id = validate_id(node_id, "node id")
         self._sup = supervisor
@@ -101,6 +102,7 @@ class CommandHandler:
         self._on_drain = on_drain
         self._on_shutdown = on_shutdown
         self._on_accepted = on_accepted
+        self._on_follow_logs = on_follow_logs
         self._max_bytes = max_bytes
         self.draining = False
         self.refused: Counter[ErrorCode] = Counter()
@@ -158,8 +160,10 @@ class CommandHandler:
                 return result(await self._sup.resume(agent_id))
             case StatusAgent():
                 return result(self._sup.status(agent_id))
-            case TailLogs(stream=stream, lines=lines):
+            case TailLogs(stream=stream, lines=lines, follow=follow):
                 text = self._sup.tail_logs(agent_id, stream, lines)
+                if follow is not None and self._on_follow_logs is not None:
+                    self._on_follow_logs(agent_id, follow)
                 return result(self._sup.status(agent_id), logs=LogLinesResult(stream, text))
         raise ContractError(ErrorCode.UNKNOWN_OP, f"op {op!r} is not handled here")
 

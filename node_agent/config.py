@@ -30,6 +30,8 @@ class NodeAgentConfig:
     metrics_interval: float = 5.0
     register_timeout: float = 2.0
     on_sigterm: Literal["drain", "detach"] = "drain"
+    max_command_bytes: int = 256 * 1024
+    """Larger commands are refused with ``payload_too_large`` before decoding."""
     worker_cert: Path | None = None
     worker_key: Path | None = None
     """Certificate handed to agents (``FABRIC_CERT``/``FABRIC_KEY``) for the worker SDK."""

@@ -32,6 +32,7 @@ from fabric.tokens import Claims, TokenVerifier
 from node_agent.commands import CommandHandler
 from node_agent.config import NodeAgentConfig
 from node_agent.fencing import PartitionFence
+from node_agent.logstream import LogStreamer
 from node_agent.sdnotify import Notifier
 from node_agent.supervisor import Supervisor, SupervisorConfig
 from schemas import subjects
@@ -118,6 +119,7 @@ class NodeAgent:
         self._registered = False
         self._fence = PartitionFence()
         self._fenced_agents: set[str] = set()
+        self._log_streamers: dict[str, LogStreamer] = {}
         self.ready = asyncio.Event()
         """Set once the node is connected and subscribed (or running standalone)."""
         self._supervisor: Supervisor | None = None
@@ -149,6 +151,8 @@ class NodeAgent:
                 on_drain=self._drain,
                 on_shutdown=self._on_shutdown_command,
                 on_accepted=self._on_accepted,
+                on_follow_logs=self.follow_logs,
+                max_bytes=cfg.max_command_bytes,
             )
             for status in sup.statuses():
                 self._on_status(status)
@@ -192,12 +196,49 @@ class NodeAgent:
 
     # --- supervisor callbacks (sync, on the loop) ------------------------
 
+    def follow_logs(self, agent_id: str, seconds: float) -> None:
+        """Publish the agent's new output lines for ``seconds`` (extends a running follow)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        streamer = self._log_streamers.get(agent_id)
+        if streamer is not None:
+            streamer.until = max(streamer.until, until)
+            return
+        sup = self._require_supervisor()
+        subject = subjects.agent_logs(agent_id)
+        streamer = LogStreamer(
+            agent_id,
+            self.config.node_id,
+            follow=lambda stream: sup.follow_logs(agent_id, stream),
+            emit=lambda batch: self._outbox.put(subject, encode(batch)),
+        )
+        streamer.until = until
+        self._log_streamers[agent_id] = streamer
+
+        async def run() -> None:
+            try:
+                await streamer.run()
+            except ContractError:
+                pass  # the agent was removed while followed
+            finally:
+                self._log_streamers.pop(agent_id, None)
+
+        self._spawn(run())
+
     def _on_status(self, status: AgentStatus) -> None:
         self._outbox.put(
             subjects.agent_status(status.agent_id), encode(status), key=status.agent_id
         )
         if self._nc is not None and status.agent_id not in self._agent_subs:
             self._spawn(self._subscribe_agent(status.agent_id))
+        sup = self._supervisor
+        if (
+            sup is not None
+            and status.agent_id not in self._log_streamers
+            and status.state in (AgentState.STARTING, AgentState.RUNNING)
+            and sup.spec(status.agent_id).logs.publish
+        ):
+            self.follow_logs(status.agent_id, float("inf"))
 
     def _nc_up(self) -> bool:
         return self._nc is not None and self._nc.is_connected
@@ -311,6 +352,9 @@ class NodeAgent:
 
     async def _reconcile_subscriptions(self) -> None:
         hosted = {s.agent_id for s in self._require_supervisor().statuses()}
+        for agent_id, streamer in self._log_streamers.items():
+            if agent_id not in hosted:
+                streamer.until = 0.0
         for agent_id in list(self._agent_subs):
             if agent_id not in hosted:
                 sub = self._agent_subs.pop(agent_id)

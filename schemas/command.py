@@ -80,8 +80,13 @@ class StatusAgent(_Command, tag="status"):
 
 
 class TailLogs(_Command, tag="logs"):
+    """The last ``lines`` of a stream; with ``follow``, also publish new lines of
+    both streams on ``agents.<agent_id>.logs`` for that many seconds (ask again
+    to keep them coming)."""
+
     stream: Literal["stdout", "stderr"] = "stdout"
     lines: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    follow: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
 
 
 AgentCommand = (

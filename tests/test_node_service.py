@@ -38,6 +38,7 @@ from schemas.command import (
 )
 from schemas.errors import ErrorCode, ErrorReply
 from schemas.event import CloudEvent
+from schemas.logs import LogBatch
 from schemas.node import NodeHeartbeat
 
 SLEEPER = [sys.executable, "-c", "import time, sys; print('up', flush=True); time.sleep(600)"]
@@ -374,3 +375,57 @@ async def test_kill_9_then_restart_readopts_every_agent(
         for pid in pids.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+async def test_oversized_command_is_refused_before_decoding(
+    node: NodeAgent, connect_as: Any, issuer: TokenIssuer
+) -> None:
+    op = await connect_as("op-1")
+    spec = AgentSpec(name="big", argv=SLEEPER, env={"PAD": "x" * 30000}, start_seconds=0)
+    huge = encode(PlaceAgent(spec=spec, token=token(issuer, "agents:run")))
+    huge = huge[:-1] + b', "pad": "' + b"y" * (300 * 1024) + b'"}'
+    msg = await op.request(subjects.node_commands("n1"), huge, timeout=5)
+    reply = decode_reply(msg.data)
+    assert isinstance(reply, ErrorReply)
+    assert reply.code is ErrorCode.PAYLOAD_TOO_LARGE
+    listed = await command(
+        op, subjects.node_commands("n1"), ListAgents(token=token(issuer, "read"))
+    )
+    assert "big" not in [a.agent_id for a in listed.agents]
+
+
+async def test_followed_logs_are_published_in_batches(
+    node: NodeAgent, connect_as: Any, issuer: TokenIssuer
+) -> None:
+    op = await connect_as("op-1")
+    talker = [
+        sys.executable,
+        "-c",
+        "import sys, time\n"
+        "for i in range(1000):\n"
+        "    print(f'line {i}', flush=True)\n"
+        "    print(f'err {i}', file=sys.stderr, flush=True)\n"
+        "    time.sleep(0.05)\n",
+    ]
+    batches = Watch(LogBatch)
+    await op.subscribe(subjects.agent_logs("talker"), cb=batches.handle)
+    spec = AgentSpec(name="talker", argv=talker, start_seconds=0)
+    await command(
+        op, subjects.node_commands("n1"), PlaceAgent(spec=spec, token=token(issuer, "agents:run"))
+    )
+    assert batches.items == [], "nothing is published until someone follows"
+    await command(
+        op,
+        subjects.agent_commands("talker"),
+        TailLogs(token=token(issuer, "read"), lines=1, follow=30),
+    )
+
+    def streams() -> set[str]:
+        return {line.stream for b in batches.items for line in b.lines}
+
+    await batches.wait(lambda _: streams() == {"stdout", "stderr"})
+    lines = [line.line for b in batches.items for line in b.lines if line.stream == "stdout"]
+    numbers = [int(text.split()[1]) for text in lines]
+    assert numbers == sorted(numbers)
+    assert [b.seq for b in batches.items] == list(range(len(batches.items)))
+    assert all(b.agent_id == "talker" and b.node_id == "n1" for b in batches.items)
