@@ -326,7 +326,7 @@ async def _wait_running(
             done, waiting = _progress(record, ids, latest)
             if done is not None:
                 return done
-            show(f"{name}: {waiting}")
+            show(waiting)
             if loop.time() >= deadline:
                 raise _RunFailed(None, f"{name} is not running after {limit:g}s: {waiting}")
             await asyncio.sleep(_POLL)

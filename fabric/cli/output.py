@@ -103,7 +103,12 @@ def _rich_table(
             for i, cell in enumerate(row)
         ]
         table.add_row(*cells)
-    Console(file=out).print(table)
+    # As wide as the content even past the terminal's edge: rich would
+    # otherwise cut ids and states to fit, and a cut id is a wrong id.
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    console = Console(file=out)
+    console.width = max(console.width, sum(widths) + 2 * (len(widths) - 1))
+    console.print(table)
 
 
 @contextlib.contextmanager
