@@ -17,8 +17,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def rendered(tmp_path: Path) -> list[Path]:
     etc = tmp_path / "etc"
-    (etc / "nats").mkdir(parents=True)
-    (etc / "nats" / "server.conf").write_text("# placeholder\n")
+    etc.mkdir()
     (etc / "fabric.env").write_text("FABRIC_CONTROLLER_NAME=controller-1\n")
     state = tmp_path / "state"
     (state / "nats").mkdir(parents=True)

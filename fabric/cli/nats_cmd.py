@@ -66,6 +66,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument("--host", default="127.0.0.1", metavar="H", help="listen address (127.0.0.1)")
     up.set_defaults(handler=_up)
 
+    run = verbs.add_parser(
+        "run",
+        help="run one production server (or cluster member) in the foreground",
+        description=(
+            "Render this server's config from the PKI and run nats-server in the foreground "
+            "(systemd, containers). Reloads the user list when the PKI inventory changes."
+        ),
+    )
+    run.add_argument("--pki", metavar="DIR", help="PKI directory (fabric pki init)")
+    run.add_argument("--state-dir", metavar="DIR", help="config, log and JetStream store")
+    run.add_argument("--name", default="fabric", metavar="NAME", help="server name (fabric)")
+    run.add_argument("--host", default="0.0.0.0", metavar="H", help="listen address (0.0.0.0)")
+    run.add_argument("--port", default=str(DEFAULT_PORT), metavar="N", help="client port")
+    run.add_argument("--cluster", metavar="NAME", help="cluster name; needs --server")
+    run.add_argument("--server", metavar="H1,H2,H3", help="every cluster member's host")
+    run.add_argument(
+        "--cluster-port", default=str(DEFAULT_CLUSTER_PORT), metavar="N", help="route port"
+    )
+    run.set_defaults(handler=_run)
+
     config = verbs.add_parser("config", help="print a production nats-server config")
     config.add_argument("--pki", metavar="DIR", help="PKI directory (fabric pki init)")
     config.add_argument("--cluster", metavar="NAME", help="cluster name; needs --server")
@@ -213,6 +233,52 @@ async def _run_until_stopped(server: NatsServer, pki_dir: Path, stop: asyncio.Ev
         for task in (stopped, exited):
             task.cancel()
         await asyncio.gather(stopped, exited, return_exceptions=True)
+
+
+# -- run ------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    pki_dir = _dir(args.pki, "--pki")
+    state_dir = _dir(args.state_dir, "--state-dir")
+    if not (pki_dir / "ca.crt").is_file():
+        raise UsageError(f"no CA in {pki_dir}: run `fabric pki init --dir {pki_dir}` first")
+    name = args.name.strip()
+    if not name or any(c.isspace() for c in name):
+        raise UsageError(f"bad --name {args.name!r}")
+    hosts = [h.strip() for h in (args.server or "").split(",") if h.strip()]
+    if (args.cluster is None) != (not hosts):
+        raise UsageError("--cluster NAME and --server H1,H2,H3 go together")
+    cluster = None
+    if args.cluster is not None:
+        port = _port(args.cluster_port, "--cluster-port")
+        cluster = ClusterSettings(
+            name=args.cluster.strip(), port=port, routes=cluster_routes(hosts, port), host=args.host
+        )
+    settings = ServerSettings(
+        server_name=name,
+        pki_dir=pki_dir,
+        store_dir=state_dir / "jetstream",
+        host=args.host,
+        port=_port(args.port, "--port"),
+        cluster=cluster,
+    )
+    with _errors():
+        return asyncio.run(_serve_forever(NatsServer(settings, state_dir / "nats"), pki_dir))
+
+
+async def _serve_forever(server: NatsServer, pki_dir: Path) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        print(f"nats-server {server.settings.server_name} on {server.url} (pid {server.pid})")
+        sys.stdout.flush()
+        return await _run_until_stopped(server, pki_dir, stop)
+    finally:
+        await server.stop()
 
 
 # -- config ---------------------------------------------------------------------
