@@ -457,12 +457,18 @@ async def _lifecycle_async(
     if not jobs:
         raise CommandFailed(f"{', '.join(names)}: no replicas")
 
+    unknown = {t.name for t in targets if t.record is None}
+
     async def one(agent_id: str, within: float) -> str | None:
         try:
             result = await client.command(agent_id, command, within=within)
             status = result.status
             if status is not None and isinstance(command, StartAgent | RestartAgent):
                 status = await _settle(client, status)
+        except FabricError as exc:
+            if exc.code is ErrorCode.NOT_FOUND and agent_id in unknown:
+                return f"no deployment or agent named {agent_id!r}"
+            return str(exc)
         except CommandFailed as exc:
             return str(exc)
         print(f"{agent_id} {status.state.value if status else 'done'}", flush=True)
