@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from fleetfixtures import FakeNode, node_info
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from natsfixtures import Clients, ErrorLog, FabricPki
@@ -23,104 +23,15 @@ from fabric.controller.service import Controller, ControllerConfig
 from fabric.controller.streams import StreamSettings
 from fabric.tokens import TokenIssuer, TokenVerifier
 from schemas import subjects
-from schemas.agent import AgentSpec, AgentState
+from schemas.agent import AgentSpec
 from schemas.api import ApiResult
-from schemas.codec import decode, decode_node_command, encode
-from schemas.command import CommandResult, PlaceAgent, RemoveAgent
+from schemas.codec import decode, encode
+from schemas.command import RemoveAgent
 from schemas.discovery import DiscoverReply, DiscoverRequest
 from schemas.errors import ErrorCode, ErrorReply
-from schemas.node import (
-    AgentSummary,
-    NodeHeartbeat,
-    NodeInfo,
-    NodeResources,
-    RegisterReply,
-    RegisterRequest,
-)
+from schemas.node import RegisterRequest
 
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
 TIMEOUT = 1.5
-
-
-def node_info(node_id: str, **labels: str) -> NodeInfo:
-    return NodeInfo(
-        node_id=node_id,
-        hostname=f"host-{node_id}",
-        pid=100,
-        version="0.1.0",
-        labels=labels,
-        capabilities=["summarize"] if node_id == "n1" else [],
-        resources=NodeResources(cpus=4, memory_bytes=8 << 30),
-        started_at=NOW,
-    )
-
-
-class FakeNode:
-    """Answers node commands like a node agent and heartbeats what it holds."""
-
-    def __init__(self, nc: Client, node_id: str, verifier: TokenVerifier) -> None:
-        self.nc = nc
-        self.node_id = node_id
-        self.verifier = verifier
-        self.agents: dict[str, int] = {}
-        self.commands: list[PlaceAgent | RemoveAgent] = []
-        self.beating = True
-        self.changed = asyncio.Event()
-
-    async def start(self) -> None:
-        await self.nc.subscribe(subjects.node_commands(self.node_id), cb=self._on_command)
-        await self.register()
-
-    async def register(self) -> RegisterReply:
-        req = RegisterRequest(node=node_info(self.node_id), agents=self._summaries())
-        msg = await self.nc.request(subjects.node_register(self.node_id), encode(req), timeout=2)
-        reply = decode(msg.data, RegisterReply)
-        for placement in reply.agents:
-            self.agents[placement.spec.name] = placement.epoch
-        return reply
-
-    def _summaries(self) -> list[AgentSummary]:
-        return [AgentSummary(a, AgentState.RUNNING, e) for a, e in sorted(self.agents.items())]
-
-    async def _on_command(self, msg: Msg) -> None:
-        command = decode_node_command(msg.data)
-        assert isinstance(command, PlaceAgent | RemoveAgent)
-        scope = "agents:run" if isinstance(command, PlaceAgent) else "agents:stop"
-        self.verifier.verify(command.token, scope=scope, node=self.node_id)
-        self.commands.append(command)
-        if isinstance(command, PlaceAgent):
-            self.agents[command.spec.name] = command.epoch
-            reply: Any = CommandResult(op="place", node_id=self.node_id, agent_id=command.spec.name)
-        elif (command.epoch or 0) < self.agents.get(command.agent_id, 0):
-            reply = ErrorReply(code=ErrorCode.STALE_EPOCH, message="older")
-        else:
-            self.agents.pop(command.agent_id, None)
-            reply = CommandResult(op="remove", node_id=self.node_id, agent_id=command.agent_id)
-        await msg.respond(encode(reply))
-        self.changed.set()
-
-    async def heartbeat_loop(self) -> None:
-        seq = 0
-        while True:
-            if self.beating:
-                seq += 1
-                beat = NodeHeartbeat(
-                    node_id=self.node_id,
-                    seq=seq,
-                    sent_at=datetime.now(UTC),
-                    pid=100,
-                    agents=self._summaries(),
-                )
-                await self.nc.publish(subjects.node_heartbeat(self.node_id), encode(beat))
-            await asyncio.sleep(0.2)
-
-    async def wait(self, predicate: Any, within: float = 5.0) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                self.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.1):
-                        await self.changed.wait()
 
 
 @pytest.fixture

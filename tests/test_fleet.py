@@ -15,10 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from agents.harness import until
+from fleetfixtures import CopySampler, Fleet
 from nats.aio.client import Client
 from natsfixtures import Clients, FabricPki, make_pki
 from netproxy import CuttableProxy
@@ -66,96 +63,6 @@ async def fleet_server(fleet_pki: FabricPki, tmp_path: Path) -> AsyncIterator[Na
         yield server
     finally:
         await server.stop()
-
-
-class Fleet:
-    """Node agent processes by node id; every one stopped at the end."""
-
-    def __init__(self, pki: FabricPki, server: NatsServer, base: Path) -> None:
-        self.pki = pki
-        self.server = server
-        self.base = base
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, node_id: str, url: str | None = None, **labels: str) -> None:
-        ident = self.pki[node_id]
-        env = {
-            **os.environ,
-            "FABRIC_NATS_URL": url or self.server.url,
-            "FABRIC_CA": str(self.pki.ca),
-            "FABRIC_CERT": str(ident.cert),
-            "FABRIC_KEY": str(ident.key),
-        }
-        argv = [
-            sys.executable, "-m", "node_agent.main",
-            "--node-id", node_id,
-            "--state-dir", str(self.base / node_id),
-            "--token-key", str(self.pki.dir / "signing.pub"),
-            "--metrics-interval", "0.5",
-        ]  # fmt: skip
-        for key, value in labels.items():
-            argv += ["--label", f"{key}={value}"]
-        with (self.base / f"{node_id}.log").open("ab") as log:
-            self.procs[node_id] = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
-
-    async def stop_all(self) -> None:
-        """SIGTERM every node agent (they drain their agents), SIGKILL after 20 s.
-
-        Async on purpose: the proxy and the controller live on this loop, and
-        a node agent's shutdown talks to NATS through them.
-        """
-        live = [p for p in self.procs.values() if p.poll() is None]
-        for proc in live:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await until(lambda: all(p.poll() is not None for p in live), within=20)
-        for proc in live:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-class CopySampler:
-    """Samples, every few ms, which processes run each agent id (by FABRIC_AGENT_ID).
-
-    Only processes carrying this sampler's own marker in their argv count, so
-    a leftover of another run can never look like a second copy.
-    """
-
-    def __init__(self) -> None:
-        self.marker = f"fleet-agent-{uuid.uuid4().hex[:12]}"
-        self.sleeper = [sys.executable, "-c", "import time; time.sleep(600)", self.marker]
-        self.max_copies: dict[str, int] = defaultdict(int)
-        self.pids: dict[str, set[int]] = defaultdict(set)
-        self.samples = 0
-        self.since_mark: dict[str, int] = defaultdict(int)
-
-    def mark(self) -> None:
-        """From now on, ``since_mark`` holds the most copies seen at once."""
-        self.since_mark = defaultdict(int)
-
-    def sample(self) -> dict[str, list[int]]:
-        now: dict[str, list[int]] = defaultdict(list)
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            cmdline = proc.info["cmdline"] or []
-            if self.marker not in cmdline or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            with contextlib.suppress(psutil.Error):
-                agent_id = proc.environ().get("FABRIC_AGENT_ID", "?")
-                now[agent_id].append(proc.pid)
-        for agent_id, pids in now.items():
-            self.max_copies[agent_id] = max(self.max_copies[agent_id], len(pids))
-            self.since_mark[agent_id] = max(self.since_mark[agent_id], len(pids))
-            self.pids[agent_id].update(pids)
-        self.samples += 1
-        return now
-
-    async def run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(0.01)  # wait-ok: the sampling period, not a synchronisation
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The leader lease against a real nats-server: one leader, takeover, handover."""
+"""The leader lease against a real nats-server: one leader, takeover, handover, fencing."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgspec
+import pytest
 from nats.aio.client import Client
 from natsfixtures import Clients
 
-from fabric.controller.lease import Lease
+from fabric.controller.lease import Lease, NotLeader
+from fabric.controller.registry import mutate, read, write
 from fabric.controller.streams import StreamSettings, ensure_state
 
 TTL = 1.0
@@ -102,3 +105,63 @@ async def test_leader_that_loses_the_key_steps_down(connect_as: Clients) -> None
                 await asyncio.sleep(0.02)
         assert not a.valid()
     assert changes == ["a:up", "a:down"]
+
+
+# --- fencing: the check a leader makes right before each write -------------------
+
+
+class Value(msgspec.Struct, frozen=True):
+    n: int
+
+
+async def _take_over(standby: Lease, within: float) -> None:
+    """Poll ``acquire`` as a standby does, until the old key has expired."""
+    async with asyncio.timeout(within):
+        while not await standby.acquire():  # noqa: ASYNC110
+            await asyncio.sleep(standby.interval)  # wait-ok: the standby's poll period
+
+
+async def test_fence_refuses_a_frozen_leader_and_its_guarded_write(connect_as: Clients) -> None:
+    changes: list[str] = []
+    a, nc = await _lease(connect_as, "a", "frozen", changes)
+    b, _ = await _lease(connect_as, "b", "frozen", changes)
+    assert await a.acquire()
+    await a.fence()
+    agents = (await ensure_state(nc, nc.jetstream(), StreamSettings(lease_ttl=TTL))).agents
+    revision = await write(agents, "fenced", Value(1), None, guard=a.fence)
+    # a freezes (no renewals: a paused process); b takes over once the key expires.
+    await _take_over(b, within=TTL * 4)
+    assert a.is_leader  # a has not noticed: it was frozen
+    with pytest.raises(NotLeader):
+        await a.fence()
+    # Compare-and-set alone would let this late write through; the fence does not.
+    with pytest.raises(NotLeader):
+        await write(agents, "fenced", Value(2), revision, guard=a.fence)
+    with pytest.raises(NotLeader):
+        await mutate(agents, "fenced", Value, lambda v: Value(3), guard=a.fence)
+    stored = await read(agents, "fenced", Value)
+    assert stored == (Value(1), revision)
+    await b.fence()
+
+
+async def test_fence_asks_the_server_not_only_the_clock(connect_as: Clients) -> None:
+    changes: list[str] = []
+    a, nc = await _lease(connect_as, "a", "taken", changes)
+    b, _ = await _lease(connect_as, "b", "taken", changes)
+    assert await a.acquire()
+    # The key is taken from under a well inside its validity by its own clock.
+    kv = await nc.jetstream().key_value("fabric_lease")
+    await kv.delete("taken")
+    assert await b.acquire()
+    assert a.valid()
+    with pytest.raises(NotLeader, match="another acquisition"):
+        await a.fence()
+
+
+async def test_fence_accepts_the_leaders_own_renewal_in_flight(connect_as: Clients) -> None:
+    a, _ = await _lease(connect_as, "a", "busy", [])
+    assert await a.acquire()
+    for _ in range(20):
+        renewed, fenced = await asyncio.gather(a.renew(), a.fence(), return_exceptions=True)
+        assert renewed is True
+        assert fenced is None

@@ -12,8 +12,15 @@ the create's own message TTL), so a leader that dies stops renewing and its
 key disappears; a standby's next ``create`` wins. The leader gives up *before*
 its key can expire (2/3 ttl after its last acknowledged renew), so two
 controllers never both believe they lead while the server agrees with one.
-:meth:`Lease.valid` is what the leader checks before acting (fencing by time);
-``revision`` is the lease revision, for fencing writes by value.
+
+Fencing: :meth:`Lease.valid` is the leader's check by time (cheap, local);
+:meth:`Lease.fence` adds the check by value, right before a write: the key on
+the server must still hold this holder's acquisition (holder, nonce) at the
+revision held or a later one of its own renewals. A leader that was paused
+(its monotonic clock jumps) or whose key was taken fails one or the other and
+gets :class:`NotLeader` instead of writing. What is left is the time between
+that read and the write itself (one round trip): closing it needs the write
+and the lease check in one atomic JetStream batch, which nats-py cannot send.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -32,7 +40,7 @@ from nats.js.kv import KeyValue
 from schemas.codec import encode
 from schemas.common import utc_now
 
-__all__ = ["LEASE_KEY", "Lease", "LeaseValue"]
+__all__ = ["LEASE_KEY", "Lease", "LeaseValue", "NotLeader"]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +49,15 @@ LEASE_KEY = "leader"
 OnChange = Callable[[bool], Awaitable[None]]
 
 
+class NotLeader(Exception):
+    """This controller does not (or can no longer prove it does) hold the lease."""
+
+
 class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
     holder: str
     acquired_at: datetime
+    nonce: str = ""
+    """Unique per acquisition: two controllers given one name still differ."""
 
 
 class Lease:
@@ -91,43 +105,76 @@ class Lease:
         if self._on_change is not None:
             await self._on_change(leader)
 
-    async def _try_acquire(self) -> None:
-        self._value = encode(LeaseValue(holder=self.holder, acquired_at=utc_now()))
+    async def acquire(self) -> bool:
+        """Take the lease if nobody holds it; True when this controller leads."""
+        if self.is_leader:
+            return True
+        value = LeaseValue(holder=self.holder, acquired_at=utc_now(), nonce=uuid.uuid4().hex)
+        self._value = encode(value)
         started = self._now()
         try:
             async with asyncio.timeout(self.interval):
                 revision = await self._kv.create(self._key, self._value, msg_ttl=self.ttl)
         except (nats.js.errors.KeyWrongLastSequenceError, nats.errors.Error, TimeoutError):
-            return  # held by another, or the server is unreachable: stay standby
+            return False  # held by another, or the server is unreachable: stay standby
         self.revision = revision
         # Counted from before the request: the key may have been written at once.
         self._last_ok = started
         await self._set(True)
+        return True
 
-    async def _renew(self) -> None:
+    async def renew(self) -> bool:
+        """Extend the lease held; False (and stepped down if it is gone) otherwise."""
+        if not self.is_leader:
+            return False
         started = self._now()
         try:
             async with asyncio.timeout(self.interval):
                 revision = await self._kv.update(self._key, self._value, last=self.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             await self._set(False)  # expired and taken, or deleted
-            return
+            return False
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("lease renew failed: %s", exc)
             if not self.valid():
                 await self._set(False)
-            return
+            return False
         self.revision = revision
         self._last_ok = started
+        return True
+
+    async def fence(self) -> None:
+        """Raise :class:`NotLeader` unless the lease is still ours, by time and on the server.
+
+        Called right before each write the leader makes. A revision newer than
+        the one held is accepted only with this acquisition's own value: it is
+        a renewal of ours still in flight.
+        """
+        if not self.valid():
+            raise NotLeader(f"{self.holder}: lease not renewed within {self.ttl * 2 / 3:g}s")
+        held = self.revision
+        try:
+            async with asyncio.timeout(self.interval):
+                entry = await self._kv.get(self._key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            raise NotLeader(f"{self.holder}: the lease key is gone") from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NotLeader(f"{self.holder}: cannot confirm the lease: {exc}") from None
+        if held is None or entry.revision is None or entry.revision < held:
+            raise NotLeader(f"{self.holder}: lease revision {entry.revision} is not {held}")
+        if entry.value != self._value:
+            raise NotLeader(f"{self.holder}: the lease is held by another acquisition")
+        if not self.valid():
+            raise NotLeader(f"{self.holder}: lease expired while being confirmed")
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, release the lease if held."""
         try:
             while True:
                 if self.is_leader:
-                    await self._renew()
+                    await self.renew()
                 else:
-                    await self._try_acquire()
+                    await self.acquire()
                 await asyncio.sleep(self.interval)
         finally:
             await self._release()

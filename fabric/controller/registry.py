@@ -6,6 +6,11 @@ key that must not exist), and the server refuses a stale one. A refusal is
 ``ContractError(CONFLICT)``; :func:`mutate` re-reads and retries a few times
 before giving up with that code.
 
+Writes the leader makes also pass a ``guard`` (its lease's
+:meth:`~fabric.controller.lease.Lease.fence`), awaited right before each write
+attempt: a controller that no longer holds the lease raises there and writes
+nothing, even where compare-and-set alone would let the write through.
+
 Buckets and keys:
 
 ``fabric_nodes``   node id -> :class:`NodeEntry` (what the node said when it
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Generic, NamedTuple, TypeVar
 
@@ -33,9 +38,12 @@ from schemas.codec import decode, encode
 from schemas.errors import ContractError, ErrorCode
 from schemas.node import NodeInfo
 
-__all__ = ["Mirror", "Mutation", "NodeEntry", "delete", "mutate", "read", "write"]
+__all__ = ["Guard", "Mirror", "Mutation", "NodeEntry", "delete", "mutate", "read", "write"]
 
 T = TypeVar("T")
+
+Guard = Callable[[], Awaitable[None]]
+"""Awaited right before a write; raises to forbid it (the leader's lease fence)."""
 
 _MAX_VALUE = 8 * 1024 * 1024
 
@@ -69,9 +77,13 @@ async def read(kv: KeyValue, key: str, type_: type[T]) -> tuple[T, int] | None:
     return decode(entry.value, type_, max_bytes=_MAX_VALUE), entry.revision
 
 
-async def write(kv: KeyValue, key: str, value: object, last: int | None) -> int:
+async def write(
+    kv: KeyValue, key: str, value: object, last: int | None, *, guard: Guard | None = None
+) -> int:
     """Store ``value`` if ``key`` is still at revision ``last`` (None: absent)."""
     data = encode(value)
+    if guard is not None:
+        await guard()
     try:
         if last is None:
             return await kv.create(key, data)
@@ -85,7 +97,9 @@ async def write(kv: KeyValue, key: str, value: object, last: int | None) -> int:
 _WRONG_LAST_SEQUENCE = 10071
 
 
-async def delete(kv: KeyValue, key: str, last: int) -> None:
+async def delete(kv: KeyValue, key: str, last: int, *, guard: Guard | None = None) -> None:
+    if guard is not None:
+        await guard()
     try:
         await kv.delete(key, last=last)
     except nats.js.errors.APIError as exc:
@@ -108,12 +122,14 @@ async def mutate(
     change: Callable[[T | None], T | None],
     *,
     attempts: int = 5,
+    guard: Guard | None = None,
 ) -> Mutation[T]:
     """Apply ``change`` to the current value with compare-and-set, retrying on
     conflict. ``change`` returns the new value, or the value it was given (or
     None for an absent key) to leave it alone; it may raise ContractError to
-    refuse. Returns the value now stored, its revision and whether this call
-    changed it."""
+    refuse. ``guard`` runs before each write attempt (see :func:`write`).
+    Returns the value now stored, its revision and whether this call changed
+    it."""
     for attempt in range(attempts):
         current = await read(kv, key, type_)
         before, revision = (current[0], current[1]) if current else (None, None)
@@ -121,7 +137,7 @@ async def mutate(
         if after is None or after == before:
             return Mutation(before, revision, False)
         try:
-            revision = await write(kv, key, after, revision)
+            revision = await write(kv, key, after, revision, guard=guard)
         except ContractError as exc:
             if exc.code is not ErrorCode.CONFLICT or attempt == attempts - 1:
                 raise

@@ -17,6 +17,13 @@ runs the loop: liveness -> ``events.node.lost``; :func:`reconcile` -> record
 writes (CAS; a conflict drops that deployment's commands until the next
 pass), then ``PlaceAgent`` / ``RemoveAgent`` requests with tokens minted from
 the controller's key, retried with backoff.
+
+A pass is two steps, :meth:`Controller.plan_pass` (decide, from the local
+view) and :meth:`Controller.carry_out` (write, command, publish). Every write
+of the second step is fenced by the lease (:meth:`Lease.fence` right before
+it), and so is the first command it sends: a leader deposed between the two
+steps (paused, cut off, its key taken) raises :class:`NotLeader` and leaves
+the registry and the nodes alone.
 """
 
 from __future__ import annotations
@@ -39,11 +46,19 @@ from nats.micro.request import Request
 
 from fabric import __version__
 from fabric.connect import js_publish
-from fabric.controller.lease import Lease
+from fabric.controller.lease import Lease, NotLeader
 from fabric.controller.liveness import LivenessConfig, NodeFlags, node_state
 from fabric.controller.placement import NodeSnapshot
-from fabric.controller.reconcile import Command, Event, ObservedNode, Place, Snapshot, reconcile
-from fabric.controller.registry import Mirror, NodeEntry, delete, mutate, read, write
+from fabric.controller.reconcile import (
+    Command,
+    Event,
+    ObservedNode,
+    Place,
+    Plan,
+    Snapshot,
+    reconcile,
+)
+from fabric.controller.registry import Guard, Mirror, NodeEntry, delete, mutate, read, write
 from fabric.controller.streams import Buckets, StreamSettings, ensure_state
 from fabric.tokens import Claims, TokenIssuer, TokenVerifier
 from schemas import subjects
@@ -77,7 +92,7 @@ from schemas.node import (
     RegisterRequest,
 )
 
-__all__ = ["QUEUE_GROUP", "Controller", "ControllerConfig"]
+__all__ = ["QUEUE_GROUP", "Controller", "ControllerConfig", "Pass"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +126,15 @@ class ControllerConfig:
     command_timeout: float = 2.0
     command_token_ttl: float = 30.0
     streams: StreamSettings = field(default_factory=StreamSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """What one reconcile pass decided, before anything is written or sent."""
+
+    plan: Plan
+    marks: dict[str, bool] = field(default_factory=dict)
+    """Nodes whose ``lost`` flag must change: node id -> lost."""
 
 
 @dataclass(slots=True)
@@ -264,6 +288,7 @@ class Controller:
         # of grace instead of declaring the whole fleet lost.
         self._led_since = loop.time() if leader else None
         self.node_states.clear()
+        self._retries.tries.clear()
         if leader:
             self._publish(
                 "controller.leader",
@@ -549,22 +574,26 @@ class Controller:
                 continue
             try:
                 await self.reconcile_once()
+            except NotLeader as exc:
+                log.info("pass abandoned: %s", exc)
             except (nats.errors.Error, TimeoutError, ContractError) as exc:
                 log.warning("reconcile pass failed: %s", exc)
 
     async def reconcile_once(self) -> None:
-        loop = asyncio.get_running_loop()
-        buckets = self._require_buckets()
-        nodes_mirror = self._require(self.nodes)
+        await self.carry_out(self.plan_pass())
+
+    def plan_pass(self) -> Pass:
+        """Decide, from the local view only: node states, lost flags, the plan."""
         observed: dict[str, ObservedNode] = {}
-        for node_id, (entry, _) in sorted(nodes_mirror.items.items()):
+        marks: dict[str, bool] = {}
+        for node_id, (entry, _) in sorted(self._require(self.nodes).items.items()):
             state = self._state_of(node_id, entry)
-            before = self.node_states.get(node_id)
             self.node_states[node_id] = state
-            if state is NodeState.LOST and not entry.lost:
-                await self._mark_lost(node_id, True)
-            elif before is NodeState.LOST and state is not NodeState.LOST and entry.lost:
-                await self._mark_lost(node_id, False)
+            lost = state is NodeState.LOST
+            if lost != entry.lost:
+                # Not lost with the flag set means a heartbeat came back: a
+                # flagged node gets no grace from a new leader (see _state_of).
+                marks[node_id] = lost
             info = entry.info
             live = self.live.get(node_id)
             observed[node_id] = ObservedNode(
@@ -579,36 +608,54 @@ class Controller:
                 dict(live.agents) if live else {},
             )
         deployments = dict(self._require(self.deployments).items)
-        plan = reconcile(Snapshot(deployments, observed))
-        commands: list[Command] = list(plan.sweep)
-        events: list[Event] = []
-        for dp in plan.deployments:
+        return Pass(reconcile(Snapshot(deployments, observed)), marks)
+
+    async def carry_out(self, work: Pass) -> None:
+        """Write the pass's records, then send its commands and events.
+
+        Raises :class:`NotLeader`, before the first write or command it would
+        have made, once this controller cannot prove it holds the lease.
+        """
+        lease = self._require_lease()
+        guard = lease.fence
+        buckets = self._require_buckets()
+        mirror = self._require(self.deployments)
+        for node_id, lost in work.marks.items():
+            await self._mark_lost(node_id, lost, guard)
+        commands: list[Command] = list(work.plan.sweep)
+        for dp in work.plan.deployments:
             if dp.changed:
                 try:
                     if dp.record is None:
-                        await delete(buckets.agents, dp.name, dp.revision)
-                        self._require(self.deployments).apply(dp.name, None, dp.revision + 1)
+                        await delete(buckets.agents, dp.name, dp.revision, guard=guard)
+                        mirror.apply(dp.name, None, dp.revision + 1)
                     else:
-                        rev = await write(buckets.agents, dp.name, dp.record, dp.revision)
-                        self._require(self.deployments).apply(dp.name, dp.record, rev)
+                        rev = await write(
+                            buckets.agents, dp.name, dp.record, dp.revision, guard=guard
+                        )
+                        mirror.apply(dp.name, dp.record, rev)
                 except ContractError as exc:
                     # Changed meanwhile (an API call, another leader): next pass.
                     log.info("deployment %s: %s", dp.name, exc)
                     continue
             commands.extend(dp.commands)
-            events.extend(dp.events)
-        for ev in events:
-            self._publish(ev.kind, ev.subject, ev.data, actor=self.config.name)
-        now = loop.time()
+            self._publish_all(dp.events)
+        now = asyncio.get_running_loop().time()
         self._retries.forget_except({_Retries.key(c) for c in commands})
         # Stops go out before starts, so a moved replica is not run twice
         # where both nodes can be told.
         ordered = sorted(commands, key=lambda c: isinstance(c, Place))
-        for command in ordered:
-            if self._retries.due(command, now):
-                self._spawn(self._send(command))
+        due = [c for c in ordered if self._retries.due(c, now)]
+        if due:
+            await guard()
+        for command in due:
+            self._spawn(self._send(command))
 
-    async def _mark_lost(self, node_id: str, lost: bool) -> None:
+    def _publish_all(self, events: list[Event]) -> None:
+        for ev in events:
+            self._publish(ev.kind, ev.subject, ev.data, actor=self.config.name)
+
+    async def _mark_lost(self, node_id: str, lost: bool, guard: Guard) -> None:
         kv = self._require_buckets().nodes
 
         def change(current: NodeEntry | None) -> NodeEntry | None:
@@ -616,7 +663,11 @@ class Controller:
                 return None
             return msgspec.structs.replace(current, lost=lost)
 
-        entry, revision, changed = await mutate(kv, node_id, NodeEntry, change)
+        try:
+            entry, revision, changed = await mutate(kv, node_id, NodeEntry, change, guard=guard)
+        except ContractError as exc:
+            log.info("node %s: %s", node_id, exc)  # re-registered meanwhile: next pass
+            return
         if entry is not None and revision is not None:
             self._require(self.nodes).apply(node_id, entry, revision)
         if changed and lost:
@@ -625,6 +676,9 @@ class Controller:
             self._publish("node.recovered", node_id, {"node_id": node_id}, actor=self.config.name)
 
     async def _send(self, command: Command) -> None:
+        lease = self.lease
+        if lease is None or not lease.valid():
+            return  # deposed since the pass was fenced: the new leader decides
         key = _Retries.key(command)
         attempt = self._retries.tries.setdefault(key, _Try())
         attempt.inflight = True
@@ -675,6 +729,11 @@ class Controller:
                 attempt.next_at = now + min(0.2 * 2 ** (attempt.tries - 1), 5.0)
 
     # --- helpers -------------------------------------------------------------
+
+    def _require_lease(self) -> Lease:
+        if self.lease is None:
+            raise ContractError(ErrorCode.UNAVAILABLE, "controller is starting")
+        return self.lease
 
     def _require_buckets(self) -> Buckets:
         if self._buckets is None:
