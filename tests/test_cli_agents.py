@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from test_up import UpProcess, alive, module_fabric, one_line, until
+from test_up import PipeLines, UpProcess, alive, module_fabric, one_line, until
 
 from fabric.cli.agents_cmd import parse_size
 from fabric.cli.logs_cmd import new_lines
@@ -52,6 +54,33 @@ def test_logs_tail_returns_lines(fabric: UpProcess, web: str) -> None:
         return out if "Serving HTTP" in out else None
 
     assert len(until("the server's first line", serving).splitlines()) <= 5
+
+
+def test_logs_follow_prints_new_lines_of_both_streams(fabric: UpProcess) -> None:
+    ticker = "import itertools, sys, time\nfor i in itertools.count():\n"
+    ticker += "    print('tick', i); print('tock', i, file=sys.stderr); time.sleep(0.2)"
+    fabric.ok("run", "ticker", "--", sys.executable, "-c", ticker)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "fabric", "logs", "-f", "-n", "1", "ticker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=fabric.env(),
+    )
+    try:
+        assert follower.stdout is not None and follower.stderr is not None
+        out, err = PipeLines(follower.stdout.fileno()), PipeLines(follower.stderr.fileno())
+        deadline = time.monotonic() + 15
+        first = int(out.next_line(deadline).split()[1])
+        # Consecutive new lines, past the tail: it follows, nothing lost or repeated.
+        assert [out.next_line(deadline) for _ in range(5)] == [
+            f"tick {n}".encode() for n in range(first + 1, first + 6)
+        ]
+        assert err.next_line(deadline).startswith(b"tock ")
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.communicate(timeout=15)
+    assert follower.returncode == 130
+    fabric.ok("rm", "ticker")
 
 
 def test_stop_stays_stopped_then_start(fabric: UpProcess, web: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 import subprocess
 import sys
@@ -13,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
-from test_up import UpProcess, module_fabric
+from test_up import PipeLines, UpProcess, module_fabric
 
 from fabric.cli import UsageError
 from fabric.cli.events_cmd import parse_since
@@ -76,11 +74,11 @@ def test_follow_prints_new_events_then_ctrl_c_ends_it(fabric: UpProcess, worker:
     )
     try:
         assert follower.stdout is not None
-        lines = _Lines(follower.stdout.fileno())
+        lines = PipeLines(follower.stdout.fileno())
         # The replayed start proves the follower is reading before we act.
-        lines.next_event("agent.started", worker)
+        next_event(lines, "agent.started", worker)
         fabric.ok("stop", worker)
-        lines.next_event("agent.stopped", worker)
+        next_event(lines, "agent.stopped", worker)
     finally:
         follower.send_signal(signal.SIGINT)
         _, err = follower.communicate(timeout=15)
@@ -88,35 +86,12 @@ def test_follow_prints_new_events_then_ctrl_c_ends_it(fabric: UpProcess, worker:
     assert b"Traceback" not in err
 
 
-class _Lines:
-    """Lines from a pipe that never ends by itself, each awaited with a deadline.
-
-    Reads the fd directly: a buffered reader could hold lines that select()
-    on the fd no longer reports.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
-
-    def next_line(self, deadline: float) -> bytes:
-        while b"\n" not in self.buf:
-            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise AssertionError("no event line from `fabric events -f` in time")
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                raise AssertionError("`fabric events -f` ended")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line
-
-    def next_event(self, kind: str, subject: str, timeout: float = 15.0) -> CloudEvent:
-        deadline = time.monotonic() + timeout
-        while True:
-            event = msgspec.json.decode(self.next_line(deadline), type=CloudEvent)
-            if (event.kind, event.subject) == (kind, subject):
-                return event
+def next_event(lines: PipeLines, kind: str, subject: str, timeout: float = 15.0) -> CloudEvent:
+    deadline = time.monotonic() + timeout
+    while True:
+        event = msgspec.json.decode(lines.next_line(deadline), type=CloudEvent)
+        if (event.kind, event.subject) == (kind, subject):
+            return event
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -60,6 +61,30 @@ def one_line(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 1, f"expected one line, got {text!r}"
     return lines[0]
+
+
+class PipeLines:
+    """Lines from a pipe that never ends by itself (``-f``), each awaited with a deadline.
+
+    Reads the fd directly: a buffered reader could hold lines that select()
+    on the fd no longer reports.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+
+    def next_line(self, deadline: float) -> bytes:
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError("no line from the follower in time")
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise AssertionError("the follower ended")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
 
 
 class UpProcess:
