@@ -540,8 +540,8 @@ class LocalFabric:
                     return
                 for task in done:
                     name = parts[task]
-                    child = self._child(name)
-                    where = child.log_path if child else self.server.log_path
+                    part = self._child(name)
+                    where = part.log_path if part else self.server.log_path
                     raise UpError(f"{name} {_fmt_exit(task.result())} (log: {where})")
                 # `fabric pki issue/revoke` while we run: reload the user list.
                 new = _inventory_stamp(self.config.pki_dir)

@@ -52,7 +52,7 @@ def until(what: str, probe: Callable[[], T | None], timeout: float = 20.0) -> T:
 
 def alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 

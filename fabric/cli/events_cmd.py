@@ -117,7 +117,7 @@ async def _events_async(client: FabricClient, since: datetime, args: argparse.Na
     js = client.nc.jetstream()
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        opt_start_time=since.astimezone(UTC),
     )
     try:
         sub = await js.subscribe(

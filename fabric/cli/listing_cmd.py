@@ -38,7 +38,7 @@ _HIDDEN = frozenset({AgentState.STOPPED, AgentState.EXITED})
 _UP = frozenset({AgentState.RUNNING, AgentState.PAUSED})
 
 
-class NodeView(NodeRecord, kw_only=True):
+class NodeView(NodeRecord, frozen=True, kw_only=True):
     """A registry record with its latest heartbeat: ``last_heartbeat`` set, plus ``metrics``."""
 
     metrics: NodeMetrics | None = None
