@@ -56,6 +56,7 @@ def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # ty
     # take the others down at import time.
     from fabric.cli import (
         agents_cmd,
+        apply_cmd,
         controller_cmd,
         events_cmd,
         listing_cmd,
@@ -69,6 +70,7 @@ def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # ty
     return [
         up_cmd.register,
         agents_cmd.register,
+        apply_cmd.register,
         listing_cmd.register,
         logs_cmd.register,
         events_cmd.register,

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--heartbeat-interval", default="0.5", metavar="SECONDS")
     run.add_argument("--lease-ttl", default="3", metavar="SECONDS")
     run.add_argument("--replicas", default="0", metavar="N", help="KV/stream replicas (0: auto)")
+    run.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics (0: any port)"
+    )
+    run.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="(127.0.0.1)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(handler=_run)
 
@@ -102,7 +106,12 @@ async def _main(args: argparse.Namespace, config: ControllerConfig) -> None:
     # released on the way out, so a standby takes over at once.
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        await controller.run()
+        if args.metrics_port is None:
+            await controller.run()
+        else:
+            from fabric.prometheus import run_with_metrics
+
+            await run_with_metrics(controller, args.metrics_host, args.metrics_port)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         await nc.close()

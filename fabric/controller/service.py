@@ -208,6 +208,8 @@ class Controller:
         self.statuses: dict[str, dict[str, AgentStatus]] = {}
         self.node_states: dict[str, NodeState] = {}
         self.refused: Counter[str] = Counter()
+        self.api_calls: Counter[str] = Counter()  # by method, for fabric.prometheus
+        self.published: Counter[str] = Counter()  # events by kind, for fabric.prometheus
         self.started = asyncio.Event()
         self._retries = _Retries(hold=2 * config.node_timeout)
         self._led_since: float | None = None
@@ -219,8 +221,20 @@ class Controller:
 
     # --- lifecycle ---------------------------------------------------------
 
+    async def _ensure_state(self) -> Buckets:
+        # A controller often starts with its servers: JetStream answers only
+        # once a meta leader is elected, so wait for it rather than exit.
+        delay = 0.25
+        while True:
+            try:
+                return await ensure_state(self.nc, self.js, self.config.streams)
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("JetStream not ready (%s); retrying in %.2fs", exc or type(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def run(self) -> None:
-        buckets = await ensure_state(self.nc, self.js, self.config.streams)
+        buckets = await self._ensure_state()
         self._buckets = buckets
         self.nodes = Mirror(buckets.nodes, NodeEntry)
         self.deployments = Mirror(buckets.agents, DeploymentRecord)
@@ -301,6 +315,7 @@ class Controller:
 
     def _publish(self, kind: str, subject: str, data: Any, actor: str | None = None) -> None:
         event = make_event(kind, source=self.source, subject=subject, data=data, actor=actor)
+        self.published[kind] += 1
         self._spawn(self._send_event(kind, event))
 
     async def _send_event(self, kind: str, event: Any) -> None:
@@ -483,6 +498,7 @@ class Controller:
                 ErrorCode.UNKNOWN_OP,
                 f"unknown API method {method[:40]!r}; known: {', '.join(API_METHODS)}",
             )
+        self.api_calls[method] += 1
         request: Any = decode(data, type_, max_bytes=_MAX_REQUEST)
         target_agent = None
         target_node = None
