@@ -210,8 +210,6 @@ class Controller:
         self.refused: Counter[str] = Counter()
         self.api_calls: Counter[str] = Counter()  # by method, for fabric.prometheus
         self.published: Counter[str] = Counter()  # events by kind, for fabric.prometheus
-        self.api_calls: Counter[str] = Counter()  # by method, for fabric.prometheus
-        self.published: Counter[str] = Counter()  # events by kind, for fabric.prometheus
         self.started = asyncio.Event()
         self._retries = _Retries(hold=2 * config.node_timeout)
         self._led_since: float | None = None
@@ -317,7 +315,6 @@ class Controller:
 
     def _publish(self, kind: str, subject: str, data: Any, actor: str | None = None) -> None:
         event = make_event(kind, source=self.source, subject=subject, data=data, actor=actor)
-        self.published[kind] += 1
         self.published[kind] += 1
         self._spawn(self._send_event(kind, event))
 
@@ -501,7 +498,6 @@ class Controller:
                 ErrorCode.UNKNOWN_OP,
                 f"unknown API method {method[:40]!r}; known: {', '.join(API_METHODS)}",
             )
-        self.api_calls[method] += 1
         self.api_calls[method] += 1
         request: Any = decode(data, type_, max_bytes=_MAX_REQUEST)
         target_agent = None
