@@ -1,0 +1,620 @@
+"""The dispatcher: takes tasks from the shared durable consumer and hands each
+to a running agent that serves its type. It runs inside every controller.
+
+One task, from fetch to ack::
+
+    fetch ─▶ decode (bad: term) ─▶ claim its KV record (final already: ack, done)
+      ─▶ choose_agent over the live view ──none serves the type──▶ nak(delay), record why
+      ─▶ request agents.<id>.tasks (TaskAssignment)   ◀─ in_progress every ack_wait/3,
+      │                                                  and on the worker's progress
+      ├─ succeeded ──▶ record succeeded ─▶ events.task.succeeded ─▶ ack
+      ├─ failed / lost agent / silent worker / timeout ──▶ record failed
+      │     ├─ attempts left ─▶ events.task.failed ─▶ nak(backoff)
+      │     └─ none left ──▶ copy to tasks.<type>.dead ─▶ record dead ─▶ events.task.dead ─▶ term
+      └─ handed back (draining worker, no responders, our own connection) ─▶ record queued ─▶ nak
+
+A task is acked only after its result is in KV, so a dispatcher that dies
+at any point loses nothing: JetStream redelivers after the ack wait, and the
+next dispatcher finds a final record (ack without running it again) or
+runs it once more (at least once). The decision of which agent is the pure
+:func:`choose_agent`; this module's class only moves messages.
+
+Worker liveness: a worker holding an assignment reports progress at least
+every ``ack_wait / 3`` (the SDK does it by itself); silence for ``ack_wait``
+or the agent leaving the controller's view of running agents counts as a
+lost attempt and the task goes back to the queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from fabric.connect import js_publish
+from fabric.tasks.records import (
+    STORE_ERRORS,
+    DeadTask,
+    RecordStore,
+    Stored,
+    TaskRecord,
+    after_failure,
+    handed_back,
+    started,
+    succeeded,
+    waiting,
+    went_dead,
+    with_progress,
+)
+from fabric.tasks.stream import (
+    DEAD_STREAM,
+    DISPATCH_CONSUMER,
+    TASKS_STREAM,
+    QueueSettings,
+    dead_subject,
+    ensure_task_state,
+)
+from schemas import subjects
+from schemas.agent import AgentState, HealthVerdict
+from schemas.codec import decode, encode
+from schemas.common import utc_now
+from schemas.errors import ContractError, ErrorCode, ErrorReply
+from schemas.event import make_event
+from schemas.task import (
+    MAX_TASK_PAYLOAD_BYTES,
+    Task,
+    TaskAssignment,
+    TaskOutcome,
+    TaskProgress,
+    TaskResult,
+)
+
+__all__ = [
+    "PROGRESS_SUBJECT",
+    "AgentView",
+    "Candidate",
+    "DispatchSettings",
+    "Dispatcher",
+    "choose_agent",
+    "controller_agents",
+    "retry_delay",
+]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SUBJECT = "events.task.progress"
+_MAX_REPLY = 2 * MAX_TASK_PAYLOAD_BYTES + 64 * 1024
+_MAX_PROGRESS = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A running agent, where it runs and which task types its spec declares."""
+
+    agent_id: str
+    node_id: str | None
+    capabilities: frozenset[str]
+    healthy: bool = True
+
+
+AgentView = Callable[[], Mapping[str, Candidate]]
+"""Returns the running agents by id, as the registry sees them now."""
+
+
+def choose_agent(
+    task_type: str,
+    candidates: Mapping[str, Candidate],
+    inflight: Mapping[str, int],
+    *,
+    limit: int | None = None,
+) -> str | None:
+    """The agent to run a ``task_type`` task: healthy, serving that type, below
+    ``limit`` tasks in flight; fewest in flight first, ties by id. None if none."""
+    best: tuple[int, str] | None = None
+    for agent_id, candidate in candidates.items():
+        if task_type not in candidate.capabilities or not candidate.healthy:
+            continue
+        load = inflight.get(agent_id, 0)
+        if limit is not None and load >= limit:
+            continue
+        if best is None or (load, agent_id) < best:
+            best = (load, agent_id)
+    return None if best is None else best[1]
+
+
+def retry_delay(attempt: int, base: float, cap: float) -> float:
+    """Delay before retrying after failed attempt number ``attempt`` (1-based)."""
+    return min(cap, base * 2.0 ** max(0, attempt - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    batch: int = 64
+    """Messages asked for per fetch."""
+    max_inflight: int = 512
+    """Messages one dispatcher holds at once (waiting for a slot or running)."""
+    agent_limit: int = 32
+    """Tasks one agent runs at once, from this dispatcher."""
+    type_limit: int = 512
+    type_limits: Mapping[str, int] = field(default_factory=dict)
+    """Per task type concurrency limits (this dispatcher); others get type_limit."""
+    no_agent_delay: float = 1.0
+    """Redelivery delay when no running agent serves the type; grows with each
+    delivery up to no_agent_max."""
+    no_agent_max: float = 10.0
+    busy_hold: float = 2.0
+    """How long a task waits here for a free slot before going back to the queue."""
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+    handback_delay: float = 0.2
+    run_timeout: float = 24 * 3600.0
+    """The longest wait for a result when a task has no deadline."""
+    fetch_wait: float = 1.0
+    view_ttl: float = 0.05
+    shun_for: float = 5.0
+    """An agent that did not answer (no responders, silent, lost) is not chosen
+    for this long, even if the registry still lists it."""
+
+
+@dataclass(slots=True)
+class _Run:
+    task: Task
+    msg: Msg
+    agent_id: str
+    attempt: int
+    last_heard: float
+    progress: tuple[float | None, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Back:
+    """The task goes back to the queue; ``counts``: an attempt was used."""
+
+    error: str
+    counts: bool
+    shun: bool = False
+    """The agent did not answer at all: leave it out of choices for a while."""
+
+
+class _ProgressEvent(msgspec.Struct):
+    data: Any = None
+
+
+class Dispatcher:
+    """Fetches from ``dispatch`` and runs tasks on agents; :meth:`run` until cancelled."""
+
+    def __init__(
+        self,
+        nc: Client,
+        name: str,
+        agents: AgentView,
+        settings: DispatchSettings | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.name = name
+        self.source = f"/controllers/{name}"
+        self.settings = settings or DispatchSettings()
+        self._agents = agents
+        self._view: Mapping[str, Candidate] = {}
+        self._view_at = -1.0
+        self.store: RecordStore | None = None
+        self.by_agent: Counter[str] = Counter()
+        self.by_type: Counter[str] = Counter()
+        self.runs: dict[str, _Run] = {}
+        self.counts: Counter[str] = Counter()
+        self.ready = asyncio.Event()
+        self._held = 0
+        self._changed = asyncio.Condition()
+        self._shunned: dict[str, float] = {}
+
+    @property
+    def ack_wait(self) -> float:
+        return self.settings.queue.ack_wait
+
+    # --- the loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        kv = await self._ensure_state()
+        self.store = RecordStore(kv)
+        psub = await self.js.pull_subscribe_bind(
+            durable=DISPATCH_CONSUMER, stream=TASKS_STREAM, pending_msgs_limit=0
+        )
+        progress = await self.nc.subscribe(PROGRESS_SUBJECT, cb=self._on_progress)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self.ready.set()
+                await self._fetch_loop(psub, tg)
+        finally:
+            for sub in (psub, progress):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _ensure_state(self) -> Any:
+        delay = 0.2
+        while True:
+            try:
+                return await ensure_task_state(self.nc, self.js, self.settings.queue)
+            except STORE_ERRORS as exc:
+                log.warning("task queue state not ready: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _fetch_loop(self, psub: Any, tg: asyncio.TaskGroup) -> None:
+        settings = self.settings
+        while not self.nc.is_closed:
+            room = settings.max_inflight - self._held
+            if room <= 0:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self._held < settings.max_inflight)
+                continue
+            try:
+                msgs = await psub.fetch(min(settings.batch, room), timeout=settings.fetch_wait)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as exc:
+                log.info("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                self._held += 1
+                tg.create_task(self._guarded(msg))
+
+    async def _guarded(self, msg: Msg) -> None:
+        try:
+            await self._handle(msg)
+        except Exception as exc:
+            # A store or connection failure: the task goes back and is tried again.
+            log.warning("task %s: %s: %s", msg.subject, type(exc).__name__, exc)
+            self.counts["errors"] += 1
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.settings.handback_delay)
+        finally:
+            self._held -= 1
+            await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def agents(self) -> Mapping[str, Candidate]:
+        """The running agents (cached for ``view_ttl``)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._view_at > self.settings.view_ttl:
+            self._view = self._agents()
+            self._view_at = now
+        return self._view
+
+    def _choosable(self) -> Mapping[str, Candidate]:
+        view = self.agents()
+        if not self._shunned:
+            return view
+        now = asyncio.get_running_loop().time()
+        for agent_id, until in list(self._shunned.items()):
+            if until <= now:
+                del self._shunned[agent_id]
+        return {a: c for a, c in view.items() if a not in self._shunned}
+
+    # --- one task ------------------------------------------------------------
+
+    async def _handle(self, msg: Msg) -> None:
+        store = self.store
+        assert store is not None
+        try:
+            task = decode(msg.data, Task, max_bytes=MAX_TASK_PAYLOAD_BYTES)
+            if msg.subject != subjects.task_queue(task.type):
+                raise ContractError(
+                    ErrorCode.INVALID_PAYLOAD, f"a {task.type!r} task cannot come on {msg.subject}"
+                )
+        except ContractError as exc:
+            # Not a task (published around the SDK): it can never run.
+            log.warning("refusing message on %s: %s", msg.subject, exc)
+            self.counts["refused"] += 1
+            await msg.term()
+            return
+        stored = await store.claim(task, self.name)
+        if stored.record.final:
+            self.counts["duplicates"] += 1
+            await msg.ack()
+            return
+        if stored.record.attempts >= task.max_attempts:
+            # A dispatcher died between recording the last failure and the dead letter.
+            await self._dead(msg, task, stored, stored.record.error or "attempts spent")
+            return
+        if task.deadline is not None and task.deadline <= utc_now():
+            await self._dead(msg, task, stored, "deadline passed before the task could run")
+            return
+        choice = await self._place(task, msg)
+        if isinstance(choice, tuple):
+            reason, delay = choice
+            if stored.record.waiting != reason:
+                stored = await store.save(stored, lambda r: waiting(r, reason))
+            self.counts["waiting"] += 1
+            await msg.nak(delay=delay)
+            return
+        await self._run(msg, task, stored, choice)
+
+    async def _place(self, task: Task, msg: Msg) -> Candidate | tuple[str, float]:
+        """A candidate (its slot reserved), or why not and the nak delay."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        hold_until = loop.time() + settings.busy_hold
+        kept_at = loop.time()
+        limit = settings.type_limits.get(task.type, settings.type_limit)
+        while True:
+            view = self._choosable()
+            if self.by_type[task.type] >= limit:
+                reason = f"{task.type!r} tasks are at their concurrency limit ({limit})"
+            else:
+                agent_id = choose_agent(task.type, view, self.by_agent, limit=settings.agent_limit)
+                if agent_id is not None:
+                    self.by_agent[agent_id] += 1
+                    self.by_type[task.type] += 1
+                    return view[agent_id]
+                if not any(task.type in c.capabilities and c.healthy for c in view.values()):
+                    delivered = msg.metadata.num_delivered
+                    delay = min(settings.no_agent_max, settings.no_agent_delay * delivered)
+                    return f"no running agent serves {task.type!r}", delay
+                reason = f"every agent serving {task.type!r} is busy"
+            now = loop.time()
+            if now >= hold_until:
+                return reason, settings.handback_delay
+            if now - kept_at >= self.ack_wait / 3:
+                await msg.in_progress()
+                kept_at = now
+            with contextlib.suppress(TimeoutError):
+                async with self._changed, asyncio.timeout(min(hold_until - now, 0.25)):
+                    await self._changed.wait()
+
+    async def _run(self, msg: Msg, task: Task, stored: Stored, agent: Candidate) -> None:
+        store = self.store
+        assert store is not None
+        attempt = stored.record.attempts + 1
+        loop = asyncio.get_running_loop()
+        run = _Run(task, msg, agent.agent_id, attempt, last_heard=loop.time())
+        self.runs[task.id] = run
+        assignment = TaskAssignment(task=task, attempt=attempt, ack_wait=self.ack_wait)
+        timeout = self.settings.run_timeout
+        if task.deadline is not None:
+            timeout = max(0.1, min(timeout, (task.deadline - utc_now()).total_seconds()))
+        request = asyncio.create_task(
+            self.nc.request(subjects.agent_tasks(agent.agent_id), encode(assignment), timeout)
+        )
+        try:
+            try:
+                stored = await store.save(
+                    stored, lambda r: started(r, agent.agent_id, agent.node_id, self.name)
+                )
+            except BaseException:
+                request.cancel()
+                raise
+            outcome = await self._watch(request, run, stored)
+            stored = outcome[1]
+        finally:
+            self.runs.pop(task.id, None)
+            self.by_agent[agent.agent_id] -= 1
+            if self.by_agent[agent.agent_id] <= 0:
+                del self.by_agent[agent.agent_id]
+            self.by_type[task.type] -= 1
+            await self._notify()
+        await self._settle(msg, task, stored, outcome[0], attempt, agent)
+
+    async def _watch(
+        self, request: asyncio.Task[Msg], run: _Run, stored: Stored
+    ) -> tuple[TaskResult | _Back, Stored]:
+        """Wait for the reply, keeping the message alive and the agent watched."""
+        store = self.store
+        assert store is not None
+        loop = asyncio.get_running_loop()
+        tick = self.ack_wait / 3
+        try:
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=tick)
+                if done:
+                    return self._reply(request, run), stored
+                await run.msg.in_progress()
+                if run.agent_id not in self.agents():
+                    lost = _Back(f"agent {run.agent_id} stopped running it", counts=True, shun=True)
+                    return lost, stored
+                if loop.time() - run.last_heard > self.ack_wait:
+                    silent = _Back(f"agent {run.agent_id} went silent", counts=True, shun=True)
+                    return silent, stored
+                if run.progress is not None:
+                    stored = await store.save(stored, _progress_change(*run.progress))
+                    run.progress = None
+        finally:
+            request.cancel()
+
+    def _reply(self, request: asyncio.Task[Msg], run: _Run) -> TaskResult | _Back:
+        try:
+            reply = request.result()
+        except nats.errors.NoRespondersError:
+            return _Back(f"agent {run.agent_id} is not taking tasks", counts=False, shun=True)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return _Back(f"no result from agent {run.agent_id} in time", counts=True)
+        except nats.errors.Error as exc:
+            return _Back(f"could not reach agent {run.agent_id}: {exc}", counts=False)
+        try:
+            result = decode(reply.data, TaskResult, max_bytes=_MAX_REPLY)
+        except ContractError as exc:
+            try:
+                refusal = decode(reply.data, ErrorReply, max_bytes=_MAX_REPLY)
+            except ContractError:
+                return _Back(f"bad reply from agent {run.agent_id}: {exc}", counts=True)
+            return _Back(f"{refusal.code.value}: {refusal.message}", counts=True)
+        if result.task_id != run.task.id or result.attempt != run.attempt:
+            return _Back(f"agent {run.agent_id} answered for another task", counts=True)
+        return result
+
+    async def _settle(
+        self,
+        msg: Msg,
+        task: Task,
+        stored: Stored,
+        outcome: TaskResult | _Back,
+        attempt: int,
+        agent: Candidate,
+    ) -> None:
+        store = self.store
+        assert store is not None
+        if isinstance(outcome, TaskResult) and outcome.outcome is TaskOutcome.SUCCEEDED:
+            result = outcome
+            stored = await store.save(stored, lambda r: succeeded(r, result))
+            self._event("task.succeeded", stored.record)
+            self.counts["succeeded"] += 1
+            await msg.ack()
+            return
+        if isinstance(outcome, TaskResult) and outcome.outcome is TaskOutcome.RETRY:
+            outcome = _Back(outcome.error or f"handed back by agent {agent.agent_id}", False)
+        elif isinstance(outcome, TaskResult):
+            outcome = _Back(outcome.error or "failed", counts=True)
+        if outcome.shun:
+            until = asyncio.get_running_loop().time() + self.settings.shun_for
+            self._shunned[agent.agent_id] = until
+        if not outcome.counts:
+            reason = outcome.error
+            stored = await store.save(stored, lambda r: handed_back(r, reason))
+            self.counts["handed_back"] += 1
+            delay = min(5.0, self.settings.handback_delay * msg.metadata.num_delivered)
+            await msg.nak(delay=delay)
+            return
+        error = outcome.error
+        stored = await store.save(stored, lambda r: after_failure(r, attempt, error)[0])
+        if stored.record.final:
+            await msg.ack()
+            return
+        if stored.record.attempts >= stored.record.max_attempts:
+            await self._dead(msg, task, stored, error)
+            return
+        self._event("task.failed", stored.record)
+        self.counts["failed"] += 1
+        settings = self.settings
+        delay = retry_delay(stored.record.attempts, settings.retry_base, settings.retry_cap)
+        await msg.nak(delay=delay)
+
+    async def _dead(self, msg: Msg, task: Task, stored: Stored, error: str) -> None:
+        """Copy to ``tasks.<type>.dead`` (deduplicated by task id), record, then term."""
+        store = self.store
+        assert store is not None
+        record = stored.record
+        letter = DeadTask(
+            task=task,
+            error=error[:4096],
+            attempts=record.attempts,
+            agent_id=record.agent_id,
+            node_id=record.node_id,
+            dead_at=utc_now(),
+            dispatcher=self.name,
+        )
+        await js_publish(
+            self.js, dead_subject(task.type), encode(letter), msg_id=task.id, stream=DEAD_STREAM
+        )
+        stored = await store.save(stored, lambda r: went_dead(r, error))
+        self._event("task.dead", stored.record)
+        self.counts["dead"] += 1
+        await msg.term()
+
+    # --- progress and events ---------------------------------------------------
+
+    async def _on_progress(self, msg: Msg) -> None:
+        try:
+            envelope = decode(msg.data, _ProgressEvent, max_bytes=_MAX_PROGRESS)
+            progress = msgspec.convert(envelope.data, TaskProgress, strict=False)
+        except (ContractError, msgspec.ValidationError):
+            self.counts["bad_progress"] += 1
+            return
+        run = self.runs.get(progress.task_id)
+        if run is None or run.attempt != progress.attempt or run.agent_id != progress.agent_id:
+            return
+        run.last_heard = asyncio.get_running_loop().time()
+        if progress.fraction is not None or progress.message:
+            run.progress = (progress.fraction, progress.message)
+        with contextlib.suppress(nats.errors.Error):
+            await run.msg.in_progress()
+
+    def _event(self, kind: str, record: TaskRecord) -> None:
+        """Core publish into EVENTS (deduplicated by event id); nothing waits for it."""
+        data: dict[str, Any] = {
+            "task_id": record.id,
+            "type": record.type,
+            "state": record.state.value,
+            "attempts": record.attempts,
+            "agent_id": record.agent_id,
+            "node_id": record.node_id,
+        }
+        if record.error and kind != "task.succeeded":
+            data["error"] = record.error
+        duration = _seconds(record.started_at, record.finished_at)
+        if duration is not None:
+            data["duration"] = round(duration, 6)
+        actor = record.submitted_by or None
+        event = make_event(kind, source=self.source, subject=record.id, data=data, actor=actor)
+        body = encode(event)
+        headers = {"Nats-Msg-Id": event.id}
+        task = asyncio.ensure_future(self.nc.publish(subjects.event(kind), body, headers=headers))
+        task.add_done_callback(_ignore)
+
+
+def _ignore(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("event not published: %s", task.exception())
+
+
+def _progress_change(fraction: float | None, message: str) -> Callable[[TaskRecord], TaskRecord]:
+    return lambda record: with_progress(record, fraction, message)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds()
+
+
+# --- the controller's view ---------------------------------------------------
+
+
+def controller_agents(controller: Any) -> dict[str, Candidate]:
+    """Running agents that declare capabilities, from a controller's live view.
+
+    An agent counts when its deployment places it on a node whose heartbeat
+    is fresh and its latest status (else that heartbeat) says ``running``.
+    """
+    deployments = getattr(controller, "deployments", None)
+    if deployments is None:
+        return {}
+    now = asyncio.get_running_loop().time()
+    timeout = controller.config.node_timeout
+    out: dict[str, Candidate] = {}
+    for record, _ in list(deployments.items.values()):
+        capabilities = frozenset(record.deployment.spec.capabilities)
+        if not capabilities or record.deleting:
+            continue
+        for placed in record.replicas:
+            node_id = placed.node_id
+            if node_id is None or placed.failed:
+                continue
+            live = controller.live.get(node_id)
+            if live is None or now - live.last_seen > timeout:
+                continue
+            status = controller.statuses.get(placed.agent_id, {}).get(node_id)
+            if status is not None:
+                state, healthy = status.state, status.health is not HealthVerdict.UNHEALTHY
+            else:
+                summary = live.agents.get(placed.agent_id)
+                if summary is None:
+                    continue
+                state, healthy = summary.state, True
+            if state is AgentState.RUNNING:
+                out[placed.agent_id] = Candidate(placed.agent_id, node_id, capabilities, healthy)
+    return out

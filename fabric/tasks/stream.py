@@ -1,0 +1,191 @@
+"""The task queue's JetStream state: streams ``TASKS`` and ``TASKS_DEAD``, the
+shared durable consumer ``dispatch`` and the ``fabric_tasks`` KV bucket.
+
+==================  =====================  =======================================
+name                subjects               what
+==================  =====================  =======================================
+``TASKS``           ``tasks.*.queue``      work-queue retention: a task leaves the
+                                           stream once acked or termed; duplicate
+                                           window for ``Nats-Msg-Id`` = task id
+``TASKS_DEAD``      ``tasks.*.dead``       limits retention: tasks that spent their
+                                           attempts, with their last error
+``dispatch``        (on ``TASKS``)         the one durable pull consumer every
+                                           controller fetches from
+``fabric_tasks``    KV                     one record per task id
+==================  =====================  =======================================
+
+Fire-and-forget tasks (``tasks.<type>.direct``, core NATS) are not captured
+by either stream: the filters end in ``.queue`` and ``.dead``.
+
+Every dispatcher calls :func:`ensure_task_state` at start; creating what
+exists already is a no-op, so any number of controllers may race here. An
+existing consumer is left as it is (its settings are the first creator's).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from fabric.controller.streams import cluster_size
+from schemas.ids import validate_id
+
+__all__ = [
+    "DEAD_STREAM",
+    "DEAD_SUBJECTS",
+    "DIRECT_SUFFIX",
+    "DISPATCH_CONSUMER",
+    "QUEUE_SUBJECTS",
+    "RECORDS_BUCKET",
+    "TASKS_STREAM",
+    "QueueSettings",
+    "dead_subject",
+    "direct_subject",
+    "ensure_task_state",
+]
+
+log = logging.getLogger(__name__)
+
+TASKS_STREAM = "TASKS"
+DEAD_STREAM = "TASKS_DEAD"
+RECORDS_BUCKET = "fabric_tasks"
+DISPATCH_CONSUMER = "dispatch"
+QUEUE_SUBJECTS = "tasks.*.queue"
+DEAD_SUBJECTS = "tasks.*.dead"
+DIRECT_SUFFIX = "direct"
+
+
+def dead_subject(task_type: str) -> str:
+    return f"tasks.{validate_id(task_type, 'task type')}.dead"
+
+
+def direct_subject(task_type: str) -> str:
+    """Core-NATS, at-most-once tasks: never stored, never retried."""
+    return f"tasks.{validate_id(task_type, 'task type')}.{DIRECT_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    replicas: int | None = None
+    """None: follow the cluster size (at most 3)."""
+    duplicate_window: float = 120.0
+    """A task id submitted twice within this many seconds is stored once."""
+    ack_wait: float = 30.0
+    """A fetched task goes back to the queue after this long without an ack
+    or an in-progress from its dispatcher (which sends one every third of it)."""
+    max_deliver: int = 1000
+    """Deliveries before JetStream stops redelivering; far above any max_attempts
+    because waiting for a capable agent also redelivers."""
+    backoff_steps: int = 4
+    """Redelivery after an ack timeout waits ack_wait, then 2x, 4x... (steps)."""
+    max_ack_pending: int = 20_000
+    max_queue_bytes: int = 8 << 30
+    dead_max_age: float = 30 * 24 * 3600.0
+    records_max_age: float = 7 * 24 * 3600.0
+    """Task records expire after this long (KV bucket max age)."""
+
+    def backoff(self) -> list[float]:
+        # JetStream takes backoff[0] as the ack wait, so it starts at ack_wait.
+        return [self.ack_wait * 2**i for i in range(self.backoff_steps)]
+
+
+async def _stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.stream_info(config.name)  # created by another controller meanwhile
+
+
+async def _consumer(js: JetStreamContext, config: ConsumerConfig) -> None:
+    assert config.durable_name is not None
+    try:
+        await js.consumer_info(TASKS_STREAM, config.durable_name)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await js.add_consumer(TASKS_STREAM, config)
+    except nats.js.errors.BadRequestError:
+        await js.consumer_info(TASKS_STREAM, config.durable_name)
+
+
+async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        return await js.key_value(config.bucket)
+
+
+async def ensure_task_state(nc: Client, js: JetStreamContext, settings: QueueSettings) -> KeyValue:
+    """Create (if missing) both streams, the consumer and the bucket; return the bucket."""
+    replicas = settings.replicas or min(3, cluster_size(nc))
+    await _stream(
+        js,
+        StreamConfig(
+            name=TASKS_STREAM,
+            subjects=[QUEUE_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=settings.duplicate_window,
+            max_bytes=settings.max_queue_bytes,
+        ),
+    )
+    await _stream(
+        js,
+        StreamConfig(
+            name=DEAD_STREAM,
+            subjects=[DEAD_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=settings.duplicate_window,
+            max_age=settings.dead_max_age,
+        ),
+    )
+    await _consumer(
+        js,
+        ConsumerConfig(
+            durable_name=DISPATCH_CONSUMER,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait,
+            max_deliver=settings.max_deliver,
+            backoff=settings.backoff(),
+            max_ack_pending=settings.max_ack_pending,
+            filter_subject=QUEUE_SUBJECTS,
+        ),
+    )
+    return await _bucket(
+        js,
+        KeyValueConfig(
+            bucket=RECORDS_BUCKET,
+            history=1,
+            replicas=replicas,
+            ttl=settings.records_max_age,
+        ),
+    )
