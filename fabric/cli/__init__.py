@@ -64,6 +64,7 @@ def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # ty
         nats_cmd,
         pki_cmd,
         token_cmd,
+        top_cmd,
         up_cmd,
     )
 
@@ -74,6 +75,7 @@ def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # ty
         listing_cmd.register,
         logs_cmd.register,
         events_cmd.register,
+        top_cmd.register,
         pki_cmd.register,
         token_cmd.register,
         nats_cmd.register,
