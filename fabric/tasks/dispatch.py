@@ -219,6 +219,15 @@ class Dispatcher:
         self._changed = asyncio.Condition()
         self._shunned: dict[str, float] = {}
 
+    @classmethod
+    def for_controller(
+        cls, controller: Any, settings: DispatchSettings | None = None
+    ) -> Dispatcher:
+        """The dispatcher a controller runs: its connection, its name, its live view."""
+        return cls(
+            controller.nc, controller.config.name, lambda: controller_agents(controller), settings
+        )
+
     @property
     def ack_wait(self) -> float:
         return self.settings.queue.ack_wait
