@@ -58,11 +58,13 @@ def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # ty
         agents_cmd,
         apply_cmd,
         controller_cmd,
+        dashboard_cmd,
         events_cmd,
         listing_cmd,
         logs_cmd,
         nats_cmd,
         pki_cmd,
+        task_cmd,
         token_cmd,
         top_cmd,
         up_cmd,
@@ -76,10 +78,12 @@ def _verb_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # ty
         logs_cmd.register,
         events_cmd.register,
         top_cmd.register,
+        dashboard_cmd.register,
         pki_cmd.register,
         token_cmd.register,
         nats_cmd.register,
         controller_cmd.register,
+        task_cmd.register,
     ]
 
 

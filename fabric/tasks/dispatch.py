@@ -162,6 +162,8 @@ class DispatchSettings:
     """The longest wait for a result when a task has no deadline."""
     fetch_wait: float = 1.0
     view_ttl: float = 0.05
+    watch_every: float = 0.5
+    """How often a running task's agent is looked up in the view (lost: retry at once)."""
     shun_for: float = 5.0
     """An agent that did not answer (no responders, silent, lost) is not chosen
     for this long, even if the registry still lists it."""
@@ -223,7 +225,12 @@ class Dispatcher:
     def for_controller(
         cls, controller: Any, settings: DispatchSettings | None = None
     ) -> Dispatcher:
-        """The dispatcher a controller runs: its connection, its name, its live view."""
+        """The dispatcher a controller runs: its connection, its name, its live view.
+
+        Settings: ``settings``, else the controller's ``task_settings`` attribute
+        when it has one, else the defaults.
+        """
+        settings = settings or getattr(controller, "task_settings", None)
         return cls(
             controller.nc, controller.config.name, lambda: controller_agents(controller), settings
         )
@@ -426,13 +433,17 @@ class Dispatcher:
         store = self.store
         assert store is not None
         loop = asyncio.get_running_loop()
-        tick = self.ack_wait / 3
+        keep_every = self.ack_wait / 3
+        kept_at = loop.time()
+        tick = min(keep_every, self.settings.watch_every)
         try:
             while True:
                 done, _ = await asyncio.wait({request}, timeout=tick)
                 if done:
                     return self._reply(request, run), stored
-                await run.msg.in_progress()
+                if loop.time() - kept_at >= keep_every * 0.9:
+                    await run.msg.in_progress()
+                    kept_at = loop.time()
                 if run.agent_id not in self.agents():
                     lost = _Back(f"agent {run.agent_id} stopped running it", counts=True, shun=True)
                     return lost, stored
