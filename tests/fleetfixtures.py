@@ -7,6 +7,8 @@
   few ms, so a test can assert no two copies of one replica ever ran.
 * :func:`controller_config`, :func:`running`, :func:`leader_of` - an
   in-process :class:`~fabric.controller.service.Controller` made and run.
+* :func:`beating` - a fake node registered and heartbeating for a block;
+  :func:`create` - an API create that retries through a lost reply.
 * :class:`ControllerProcs` - ``fabric controller run`` subprocesses, stopped
   (or SIGKILLed) by pid.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -35,9 +38,10 @@ from natsfixtures import FabricPki
 from fabric.controller.service import Controller, ControllerConfig
 from fabric.controller.streams import StreamSettings
 from fabric.nats_server import NatsServer
-from fabric.tokens import TokenVerifier
+from fabric.tokens import TokenIssuer, TokenVerifier
 from schemas import subjects
 from schemas.agent import AgentState
+from schemas.api import ApiResult
 from schemas.codec import decode, decode_node_command, encode
 from schemas.command import CommandResult, PlaceAgent, RemoveAgent
 from schemas.errors import ErrorCode, ErrorReply
@@ -55,7 +59,9 @@ __all__ = [
     "CopySampler",
     "FakeNode",
     "Fleet",
+    "beating",
     "controller_config",
+    "create",
     "leader_of",
     "node_info",
     "running",
@@ -326,3 +332,37 @@ class ControllerProcs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def beating(node: FakeNode) -> AsyncIterator[FakeNode]:
+    """Register ``node`` (a controller must answer) and heartbeat for the block."""
+    await node.start()
+    beat = asyncio.create_task(node.heartbeat_loop())
+    try:
+        yield node
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+
+
+async def create(
+    op: Client, issuer: TokenIssuer, name: str, *, replicas: int = 1, within: float = 30
+) -> ApiResult:
+    """Create a deployment of ``sleep 100``, retrying a lost or refused reply.
+
+    A fresh token each time: a token is good for one request, even one whose
+    reply was lost.
+    """
+    deployment = {"spec": {"name": name, "argv": ["sleep", "100"]}, "replicas": replicas}
+    async with asyncio.timeout(within):
+        while True:
+            body = {"deployment": deployment, "token": issuer.mint("alice", ["agents:run"])}
+            try:
+                msg = await op.request(subjects.api("create"), json.dumps(body).encode(), timeout=3)
+            except TimeoutError:
+                continue
+            reply = decode(msg.data, ApiResult | ErrorReply)  # type: ignore[arg-type]
+            if isinstance(reply, ApiResult):
+                return reply
+            await asyncio.sleep(0.2)  # wait-ok: refused while JetStream elects a leader

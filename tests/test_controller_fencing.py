@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from fleetfixtures import FakeNode, controller_config, leader_of, running, until
+from fleetfixtures import FakeNode, beating, controller_config, create, leader_of, running, until
 from natsfixtures import Clients, FabricPki
 
 from fabric.controller.lease import NotLeader
@@ -23,25 +21,17 @@ from fabric.controller.reconcile import Place, Remove
 from fabric.controller.registry import read
 from fabric.controller.service import Controller
 from fabric.tokens import TokenIssuer, TokenVerifier
-from schemas import subjects
-from schemas.api import ApiResult, DeploymentRecord
-from schemas.codec import decode
+from schemas.api import DeploymentRecord
 
 PAUSED = 3600.0  # a reconcile interval no test outlives: passes are run by hand
 
 
 @contextlib.asynccontextmanager
-async def beating(pki: FabricPki, connect_as: Clients, node_id: str) -> AsyncIterator[FakeNode]:
+async def node(pki: FabricPki, connect_as: Clients, node_id: str) -> AsyncIterator[FakeNode]:
     """A fake node registered (a controller must be running) and heartbeating."""
     verifier = TokenVerifier.from_files(pki.dir / "signing.pub")
-    node = FakeNode(await connect_as(node_id), node_id, verifier)
-    await node.start()
-    beat = asyncio.create_task(node.heartbeat_loop())
-    try:
-        yield node
-    finally:
-        beat.cancel()
-        await asyncio.gather(beat, return_exceptions=True)
+    async with beating(FakeNode(await connect_as(node_id), node_id, verifier)) as fake:
+        yield fake
 
 
 async def paused(pki: FabricPki, connect_as: Clients, name: str) -> Controller:
@@ -50,15 +40,8 @@ async def paused(pki: FabricPki, connect_as: Clients, name: str) -> Controller:
     return Controller(await connect_as("ctl-1"), config)
 
 
-async def create(connect_as: Clients, pki: FabricPki, name: str) -> None:
-    issuer = TokenIssuer.from_file(pki.dir / "signing.key", "alice")
-    body: dict[str, Any] = {
-        "deployment": {"spec": {"name": name, "argv": ["sleep", "100"]}},
-        "token": issuer.mint("alice", ["agents:run"]),
-    }
-    op = await connect_as("op-1")
-    msg = await op.request(subjects.api("create"), json.dumps(body).encode(), timeout=3)
-    assert isinstance(decode(msg.data, ApiResult), ApiResult)
+def issuer(pki: FabricPki) -> TokenIssuer:
+    return TokenIssuer.from_file(pki.dir / "signing.key", "alice")
 
 
 async def _frozen() -> bool:
@@ -69,18 +52,15 @@ async def _frozen() -> bool:
 async def test_a_frozen_leaders_late_write_is_refused(
     pki: FabricPki, connect_as: Clients, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a = Controller(
-        await connect_as("ctl-1"), controller_config(pki, "ctl-a", reconcile_interval=PAUSED)
-    )
-    b = Controller(
-        await connect_as("ctl-1"), controller_config(pki, "ctl-b", reconcile_interval=PAUSED)
-    )
-    async with running(a), beating(pki, connect_as, "n1") as node:
+    a = await paused(pki, connect_as, "ctl-a")
+    b = await paused(pki, connect_as, "ctl-b")
+    async with running(a), node(pki, connect_as, "n1") as n1:
         await until(lambda: leader_of(a) is a, within=5)
         async with running(b):
-            await create(connect_as, pki, "late")
-            assert a.deployments is not None
-            await until(lambda: "late" in a.deployments.items, within=5)
+            await create(await connect_as("op-1"), issuer(pki), "late")
+            mirror = a.deployments
+            assert mirror is not None
+            await until(lambda: "late" in mirror.items, within=5)
 
             # A decides to place "late" on n1, then freezes before writing.
             stale = a.plan_pass()
@@ -105,13 +85,11 @@ async def test_a_frozen_leaders_late_write_is_refused(
 
             # B, the real leader, places it; n1 only ever hears from B.
             await b.reconcile_once()
-            await node.wait(lambda: "late" in node.agents)
-            assert set(node.senders) == {"ctl-b"}
+            await n1.wait(lambda: "late" in n1.agents)
+            assert set(n1.senders) == {"ctl-b"}
             stored = await read(b._buckets.agents, "late", DeploymentRecord)
             assert stored is not None
-            assert [(p.node_id, p.epoch) for p in stored[0].replicas] == [
-                ("n1", node.agents["late"])
-            ]
+            assert [(p.node_id, p.epoch) for p in stored[0].replicas] == [("n1", n1.agents["late"])]
 
 
 async def test_a_deposed_leader_sends_no_commands(
@@ -119,15 +97,11 @@ async def test_a_deposed_leader_sends_no_commands(
 ) -> None:
     # A pass with nothing to write still fences its commands: here, the sweep
     # of a stale copy no deployment names.
-    a = Controller(
-        await connect_as("ctl-1"), controller_config(pki, "ctl-c", reconcile_interval=PAUSED)
-    )
-    b = Controller(
-        await connect_as("ctl-1"), controller_config(pki, "ctl-d", reconcile_interval=PAUSED)
-    )
-    async with running(a), beating(pki, connect_as, "n2") as node:
+    a = await paused(pki, connect_as, "ctl-c")
+    b = await paused(pki, connect_as, "ctl-d")
+    async with running(a), node(pki, connect_as, "n2") as n2:
         await until(lambda: leader_of(a) is a, within=5)
-        node.agents["ghost"] = 7
+        n2.agents["ghost"] = 7
         await until(lambda: "ghost" in a.live["n2"].agents, within=5)
         async with running(b):
             stale = a.plan_pass()
@@ -138,7 +112,7 @@ async def test_a_deposed_leader_sends_no_commands(
             await until(lambda: leader_of(a, b) is b, within=5)
             with pytest.raises(NotLeader):
                 await a.carry_out(stale)
-            assert node.senders == []
+            assert n2.senders == []
             await b.reconcile_once()
-            await node.wait(lambda: "ghost" not in node.agents)
-            assert node.senders == ["ctl-d"]
+            await n2.wait(lambda: "ghost" not in n2.agents)
+            assert n2.senders == ["ctl-d"]

@@ -12,14 +12,21 @@ State is R3 here: the controllers pick three replicas on a cluster.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from fleetfixtures import ControllerProcs, FakeNode, controller_config, running, until
+from fleetfixtures import (
+    ControllerProcs,
+    FakeNode,
+    beating,
+    controller_config,
+    create,
+    running,
+    until,
+)
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from natsfixtures import Clients, FabricPki
@@ -36,10 +43,6 @@ from fabric.controller.streams import (
 )
 from fabric.nats_server import NatsCluster
 from fabric.tokens import TokenIssuer, TokenVerifier
-from schemas import subjects
-from schemas.api import ApiResult
-from schemas.codec import decode
-from schemas.errors import ErrorReply
 
 TTL = 1.0
 POLL = TTL / 3
@@ -59,34 +62,6 @@ class Events:
 
     def leaders(self) -> list[str]:
         return [e["data"]["leader"] for _, e in self.of("controller.leader")]
-
-
-@contextlib.asynccontextmanager
-async def beating(node: FakeNode) -> AsyncIterator[FakeNode]:
-    await node.start()
-    beat = asyncio.create_task(node.heartbeat_loop())
-    try:
-        yield node
-    finally:
-        beat.cancel()
-        await asyncio.gather(beat, return_exceptions=True)
-
-
-async def create(op: Client, issuer: TokenIssuer, name: str) -> None:
-    """Create a deployment, retrying through a server's loss (a fresh token each
-    time: a token is good for one request, even one whose reply was lost)."""
-    deployment = {"spec": {"name": name, "argv": ["sleep", "100"]}}
-    async with asyncio.timeout(30):
-        while True:
-            body = {"deployment": deployment, "token": issuer.mint("alice", ["agents:run"])}
-            try:
-                msg = await op.request(subjects.api("create"), json.dumps(body).encode(), timeout=3)
-            except TimeoutError:
-                continue
-            reply = decode(msg.data, ApiResult | ErrorReply)  # type: ignore[arg-type]
-            if isinstance(reply, ApiResult):
-                return
-            await asyncio.sleep(0.2)  # wait-ok: refused while JetStream elects a leader
 
 
 async def holder(admin: Client) -> str | None:
@@ -215,15 +190,15 @@ async def test_a_controller_survives_losing_its_nats_server(
                 # command, and the events all go through the two servers left.
                 await create(op, issuer, "later")
                 await n2.wait(lambda: "later" in n2.agents, within=30)
-                assert ctl.deployments is not None
+                mirror = ctl.deployments
+                assert mirror is not None
                 await until(
-                    lambda: any(
-                        p.node_id == "n2" for p in ctl.deployments.items["later"][0].replicas
-                    ),
+                    lambda: [p.node_id for p in mirror.items["later"][0].replicas] == ["n2"],
                     within=10,
                 )
                 js = op.jetstream()
                 stored = await js.get_last_msg(EVENTS_STREAM, "events.deployment.created")
+                assert stored.data is not None
                 assert json.loads(stored.data)["subject"] == "later"
     finally:
         if not first.running:

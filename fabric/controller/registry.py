@@ -16,6 +16,8 @@ Buckets and keys:
 ``fabric_nodes``   node id -> :class:`NodeEntry` (what the node said when it
                    registered, plus the operator's cordon/drain flags).
 ``fabric_agents``  deployment name -> :class:`~schemas.api.DeploymentRecord`.
+``fabric_observed`` node id -> what it last reported running, written by the
+                   leader on change (:mod:`~fabric.controller.observed`).
 
 :class:`Mirror` keeps a local copy of a bucket from a KV watch, for the
 reconcile loop and for discovery, which must not read KV on every request.

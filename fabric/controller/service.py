@@ -18,6 +18,10 @@ writes (CAS; a conflict drops that deployment's commands until the next
 pass), then ``PlaceAgent`` / ``RemoveAgent`` requests with tokens minted from
 the controller's key, retried with backoff.
 
+The leader also stores what nodes report running in ``fabric_observed``,
+coarsely (per node, on change only; see :mod:`~fabric.controller.observed`),
+so a controller that has just started knows it before the first heartbeat.
+
 A pass is two steps, :meth:`Controller.plan_pass` (decide, from the local
 view) and :meth:`Controller.carry_out` (write, command, publish). Every write
 of the second step is fenced by the lease (:meth:`Lease.fence` right before
@@ -48,6 +52,7 @@ from fabric import __version__
 from fabric.connect import js_publish
 from fabric.controller.lease import Lease, NotLeader
 from fabric.controller.liveness import LivenessConfig, NodeFlags, node_state
+from fabric.controller.observed import ObservedEntry, changes
 from fabric.controller.placement import NodeSnapshot
 from fabric.controller.reconcile import (
     Command,
@@ -136,6 +141,8 @@ class Pass:
     plan: Plan
     marks: dict[str, bool] = field(default_factory=dict)
     """Nodes whose ``lost`` flag must change: node id -> lost."""
+    observed: dict[str, list[AgentSummary]] = field(default_factory=dict)
+    """Nodes whose reported agents differ from ``fabric_observed``."""
 
 
 @dataclass(slots=True)
@@ -219,6 +226,7 @@ class Controller:
         self.lease: Lease | None = None
         self.nodes: Mirror[NodeEntry] | None = None
         self.deployments: Mirror[DeploymentRecord] | None = None
+        self.observed: Mirror[ObservedEntry] | None = None
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -239,6 +247,7 @@ class Controller:
         self._buckets = buckets
         self.nodes = Mirror(buckets.nodes, NodeEntry)
         self.deployments = Mirror(buckets.agents, DeploymentRecord)
+        self.observed = Mirror(buckets.observed, ObservedEntry)
         self.lease = Lease(
             buckets.lease, self.config.name, ttl=self.config.lease_ttl, on_change=self._on_lead
         )
@@ -249,9 +258,11 @@ class Controller:
                 self._tg = tg
                 tg.create_task(self.nodes.run())
                 tg.create_task(self.deployments.run())
+                tg.create_task(self.observed.run())
                 async with asyncio.timeout(10):
                     await self.nodes.ready.wait()
                     await self.deployments.ready.wait()
+                    await self.observed.ready.wait()
                 subs.append(await self.nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat))
                 subs.append(await self.nc.subscribe(subjects.ALL_AGENT_STATUS, cb=self._on_status))
                 service = await self._serve()
@@ -423,12 +434,19 @@ class Controller:
                     out.append(Placement(spec, p.epoch))
         return sorted(out, key=lambda p: p.spec.name)
 
-    def _node_record(self, node_id: str, entry: NodeEntry) -> NodeRecord:
+    def _reported(self, node_id: str) -> dict[str, AgentSummary]:
+        """What the node runs: its last heartbeat, or else what the leader stored."""
         live = self.live.get(node_id)
+        if live is not None:
+            return live.agents
+        stored = self.observed.items.get(node_id) if self.observed else None
+        return {a.agent_id: a for a in stored[0].agents} if stored else {}
+
+    def _node_record(self, node_id: str, entry: NodeEntry) -> NodeRecord:
         return NodeRecord(
             info=entry.info,
             state=self._state_of(node_id, entry),
-            agents=sorted(live.agents) if live else [],
+            agents=sorted(self._reported(node_id)),
         )
 
     def _state_of(self, node_id: str, entry: NodeEntry) -> NodeState:
@@ -484,9 +502,10 @@ class Controller:
                 if (ids and p.agent_id not in ids) or p.node_id is None:
                     continue
                 status = self.statuses.get(p.agent_id, {}).get(p.node_id)
-                live = self.live.get(p.node_id)
-                if status is None and live and p.agent_id in live.agents:
-                    status = _status_from_heartbeat(p.node_id, live.agents[p.agent_id])
+                if status is None:
+                    summary = self._reported(p.node_id).get(p.agent_id)
+                    if summary is not None:
+                        status = _status_from_heartbeat(p.node_id, summary)
                 if status is None or (request.state and status.state.value != request.state):
                     continue
                 out.append(status)
@@ -615,7 +634,6 @@ class Controller:
                 # flagged node gets no grace from a new leader (see _state_of).
                 marks[node_id] = lost
             info = entry.info
-            live = self.live.get(node_id)
             observed[node_id] = ObservedNode(
                 NodeSnapshot(
                     node_id,
@@ -625,10 +643,12 @@ class Controller:
                     info.resources.cpus,
                     info.resources.memory_bytes,
                 ),
-                dict(live.agents) if live else {},
+                self._reported(node_id),
             )
         deployments = dict(self._require(self.deployments).items)
-        return Pass(reconcile(Snapshot(deployments, observed)), marks)
+        stored = {k: v for k, (v, _) in self._require(self.observed).items.items()}
+        reports = changes({k: live.agents for k, live in self.live.items()}, stored)
+        return Pass(reconcile(Snapshot(deployments, observed)), marks, reports)
 
     async def carry_out(self, work: Pass) -> None:
         """Write the pass's records, then send its commands and events.
@@ -670,6 +690,26 @@ class Controller:
             await guard()
         for command in due:
             self._spawn(self._send(command))
+        if work.observed:
+            await guard()
+            await self._store_observed(work.observed)
+
+    async def _store_observed(self, reports: dict[str, list[AgentSummary]]) -> None:
+        """Write each node's reported agents (a plain put: only the leader writes here)."""
+        kv = self._require_buckets().observed
+        mirror = self._require(self.observed)
+        at = utc_now()
+
+        async def put(node_id: str, agents: list[AgentSummary]) -> None:
+            entry = ObservedEntry(node_id=node_id, agents=agents, updated_at=at)
+            try:
+                revision = await kv.put(node_id, encode(entry))
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("observed state of %s not stored: %s", node_id, exc)
+                return  # still different next pass: written then
+            mirror.apply(node_id, entry, revision)
+
+        await asyncio.gather(*(put(n, a) for n, a in reports.items()))
 
     def _publish_all(self, events: list[Event]) -> None:
         for ev in events:

@@ -1,4 +1,4 @@
-"""The controller's JetStream state: stream ``EVENTS`` and three KV buckets.
+"""The controller's JetStream state: stream ``EVENTS`` and four KV buckets.
 
 Every controller calls :func:`ensure_state` at start; creating what exists
 already is a no-op, so any number of controllers may race here. Replicas
@@ -21,6 +21,7 @@ __all__ = [
     "EVENTS_STREAM",
     "LEASE_BUCKET",
     "NODES_BUCKET",
+    "OBSERVED_BUCKET",
     "Buckets",
     "StreamSettings",
     "cluster_size",
@@ -30,6 +31,7 @@ __all__ = [
 EVENTS_STREAM = "EVENTS"
 NODES_BUCKET = "fabric_nodes"
 AGENTS_BUCKET = "fabric_agents"
+OBSERVED_BUCKET = "fabric_observed"
 LEASE_BUCKET = "fabric_lease"
 
 
@@ -46,6 +48,7 @@ class StreamSettings:
 class Buckets:
     nodes: KeyValue
     agents: KeyValue
+    observed: KeyValue
     lease: KeyValue
 
 
@@ -93,6 +96,9 @@ async def ensure_state(nc: Client, js: JetStreamContext, settings: StreamSetting
             await js.stream_info(EVENTS_STREAM)  # created by another controller meanwhile
     nodes = await _bucket(js, KeyValueConfig(bucket=NODES_BUCKET, history=1, replicas=replicas))
     agents = await _bucket(js, KeyValueConfig(bucket=AGENTS_BUCKET, history=1, replicas=replicas))
+    observed = await _bucket(
+        js, KeyValueConfig(bucket=OBSERVED_BUCKET, history=1, replicas=replicas)
+    )
     # Every message in the lease bucket dies after the lease TTL, so each
     # renewal (a plain update) restarts the clock, and a dead leader's key
     # disappears by itself.
@@ -100,4 +106,4 @@ async def ensure_state(nc: Client, js: JetStreamContext, settings: StreamSetting
         js,
         KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=settings.lease_ttl, replicas=replicas),
     )
-    return Buckets(nodes=nodes, agents=agents, lease=lease)
+    return Buckets(nodes=nodes, agents=agents, observed=observed, lease=lease)
