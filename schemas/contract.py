@@ -10,7 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from schemas.agent import AgentSpec, AgentStatus
+from schemas.api import (
+    API_METHODS,
+    ApiResult,
+    CreateDeployment,
+    DeleteDeployment,
+    GetDeployment,
+    ListDeployments,
+    NodeRequest,
+    ScaleDeployment,
+    UpdateDeployment,
+)
 from schemas.command import AgentCommand, CommandResult, NodeCommand
 from schemas.discovery import DiscoverReply, DiscoverRequest
 from schemas.errors import ErrorReply
@@ -20,7 +33,39 @@ from schemas.node import NodeHeartbeat, RegisterReply, RegisterRequest
 from schemas.subjects import Family
 from schemas.task import Task, TaskAssignment, TaskProgress, TaskResult
 
-__all__ = ["CHANNELS", "MESSAGES", "Channel"]
+__all__ = ["CHANNELS", "MESSAGES", "ApiRequest", "Channel"]
+
+
+def _api_request() -> type[msgspec.Struct]:
+    """Every field any ``fabric.api.<method>`` request has, each optional.
+
+    Built from the request types themselves, so it cannot drift from them:
+    a channel names one message, and the API's requests are untagged (the
+    method is in the subject), so no union of them can stand for the channel.
+    """
+    fields: dict[str, Any] = {}
+    for type_ in API_METHODS.values():
+        for field in msgspec.structs.fields(type_):
+            fields.setdefault(field.name, field.type)
+    methods = "; ".join(f"{m}: {t.__name__}" for m, t in API_METHODS.items())
+    return msgspec.defstruct(
+        "ApiRequest",
+        [(name, type_ | None, None) for name, type_ in sorted(fields.items())],
+        kw_only=True,
+        omit_defaults=True,
+        forbid_unknown_fields=True,
+        frozen=True,
+        module=__name__,
+        namespace={
+            "__doc__": (
+                "A request on fabric.api.<method>: the fields of that method's own request"
+                f" type ({methods}), which the controller checks."
+            )
+        },
+    )
+
+
+ApiRequest = _api_request()
 
 MESSAGES: dict[str, Any] = {
     "AgentSpec": AgentSpec,
@@ -40,6 +85,15 @@ MESSAGES: dict[str, Any] = {
     "CloudEvent": CloudEvent,
     "DiscoverRequest": DiscoverRequest,
     "DiscoverReply": DiscoverReply,
+    "ApiRequest": ApiRequest,
+    "CreateDeployment": CreateDeployment,
+    "UpdateDeployment": UpdateDeployment,
+    "ScaleDeployment": ScaleDeployment,
+    "DeleteDeployment": DeleteDeployment,
+    "GetDeployment": GetDeployment,
+    "ListDeployments": ListDeployments,
+    "NodeRequest": NodeRequest,
+    "ApiResult": ApiResult,
 }
 
 
@@ -129,5 +183,17 @@ CHANNELS: tuple[Channel, ...] = (
         ("operator", "viewer", "node"),
         "DiscoverRequest",
         ("DiscoverReply", "ErrorReply"),
+    ),
+    Channel(
+        Family.API,
+        "fabric.api.{method}",
+        "The operator API, answered by controllers in one queue group. The body is the"
+        " method's request type (create, update: CreateDeployment, UpdateDeployment;"
+        " scale: ScaleDeployment; delete: DeleteDeployment; get: GetDeployment;"
+        " list: ListDeployments; drain, cordon, uncordon: NodeRequest), with a token"
+        " holding the method's scope. Every mutation is idempotent.",
+        ("operator",),
+        "ApiRequest",
+        ("ApiResult", "ErrorReply"),
     ),
 )

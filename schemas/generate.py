@@ -31,6 +31,7 @@ _PARAM_DOC = {
     "node_id": "Node id: [a-z0-9][a-z0-9_-]{0,62}",
     "task_type": "Task type: [a-z0-9][a-z0-9_-]{0,62}",
     "kind": "Event kind: two or three id-shaped tokens joined by '.', e.g. agent.exited",
+    "method": "API method: create, update, scale, delete, get, list, drain, cordon or uncordon",
 }
 
 

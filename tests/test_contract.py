@@ -23,12 +23,27 @@ from schemas.agent import (
     Limits,
     Transition,
 )
+from schemas.api import (
+    API_METHODS,
+    ApiResult,
+    Constraints,
+    CreateDeployment,
+    DeleteDeployment,
+    Deployment,
+    DeploymentRecord,
+    GetDeployment,
+    ListDeployments,
+    NodeRequest,
+    ReplicaPlacement,
+    ScaleDeployment,
+    UpdateDeployment,
+)
 from schemas.command import CommandResult, PlaceAgent, SignalAgent, StopAgent
-from schemas.contract import CHANNELS, MESSAGES
+from schemas.contract import CHANNELS, MESSAGES, ApiRequest
 from schemas.discovery import DiscoverReply, DiscoverRequest, NodeRecord
 from schemas.errors import ContractError, ErrorCode, ErrorReply
 from schemas.event import make_event
-from schemas.generate import stale_files
+from schemas.generate import _PARAM_DOC, stale_files
 from schemas.ids import validate_id
 from schemas.logs import LogBatch, LogLine
 from schemas.node import (
@@ -72,6 +87,15 @@ NODE = NodeInfo(
     started_at=NOW,
 )
 TASK = Task(id="t-1", type="summarize", payload={"text": "hi"}, submitted_at=NOW)
+DEPLOYMENT = Deployment(
+    spec=SPEC, replicas=3, constraints=Constraints(labels={"zone": "a"}, max_per_node=1)
+)
+RECORD = DeploymentRecord(
+    deployment=DEPLOYMENT,
+    generation=2,
+    replicas=[ReplicaPlacement(agent_id="web-0", node_id="n1", epoch=7, generation=2)],
+    created_by="alice",
+)
 
 SAMPLES: dict[str, list[Any]] = {
     "AgentSpec": [SPEC, AgentSpec(name="sh", argv=["echo hi"], shell=True)],
@@ -113,6 +137,26 @@ SAMPLES: dict[str, list[Any]] = {
     "DiscoverRequest": [DiscoverRequest(what="nodes", labels={"tier": "front"})],
     "DiscoverReply": [
         DiscoverReply(nodes=[NodeRecord(info=NODE, state=NodeState.READY, last_heartbeat=NOW)])
+    ],
+    "ApiRequest": [
+        ApiRequest(deployment=DEPLOYMENT, token="t"),  # type: ignore[call-arg]
+        ApiRequest(name="web", replicas=2),  # type: ignore[call-arg]
+        ApiRequest(node_id="n1"),  # type: ignore[call-arg]
+    ],
+    "CreateDeployment": [CreateDeployment(deployment=DEPLOYMENT, token="t")],
+    "UpdateDeployment": [UpdateDeployment(deployment=DEPLOYMENT)],
+    "ScaleDeployment": [ScaleDeployment(name="web", replicas=0, token="t")],
+    "DeleteDeployment": [DeleteDeployment(name="web")],
+    "GetDeployment": [GetDeployment(name="web", token="t")],
+    "ListDeployments": [ListDeployments(token="t")],
+    "NodeRequest": [NodeRequest(node_id="n1", token="t")],
+    "ApiResult": [
+        ApiResult(method="get", deployments=[RECORD]),
+        ApiResult(
+            method="cordon",
+            changed=True,
+            node=NodeRecord(info=NODE, state=NodeState.CORDONED, agents=["web-0"]),
+        ),
     ],
 }
 
@@ -356,6 +400,15 @@ def test_every_channel_names_known_messages() -> None:
     for channel in CHANNELS:
         assert channel.message in MESSAGES
         assert all(r in MESSAGES for r in channel.reply)
+
+
+def test_every_api_request_fits_the_api_channel_message() -> None:
+    # The channel's one message holds every method's request, as sent.
+    for method, type_ in API_METHODS.items():
+        for sample in SAMPLES[type_.__name__]:
+            as_envelope = codec.decode(codec.encode(sample), ApiRequest)
+            assert codec.decode(codec.encode(as_envelope), type_) == sample, method
+        assert method in _PARAM_DOC["method"]
 
 
 def test_generated_files_are_fresh() -> None:
