@@ -339,27 +339,46 @@ class Dispatcher:
             self.counts["refused"] += 1
             await msg.term()
             return
-        stored = await store.claim(task, self.name)
-        if stored.record.final:
-            self.counts["duplicates"] += 1
-            await msg.ack()
-            return
-        if stored.record.attempts >= task.max_attempts:
-            # A dispatcher died between recording the last failure and the dead letter.
-            await self._dead(msg, task, stored, stored.record.error or "attempts spent")
-            return
-        if task.deadline is not None and task.deadline <= utc_now():
-            await self._dead(msg, task, stored, "deadline passed before the task could run")
+        stored: Stored | None = None
+        if msg.metadata.num_delivered > 1:
+            # Seen before: maybe finished already (an ack that was lost), or spent.
+            stored = await store.get(task.id)
+            if stored is not None and await self._finished(msg, task, stored):
+                return
+        elif task.deadline is not None and task.deadline <= utc_now():
+            stored, _ = await store.claim(task, self.name)
+            await self._finished(msg, task, stored)
             return
         choice = await self._place(task, msg)
         if isinstance(choice, tuple):
             reason, delay = choice
+            if stored is None:
+                stored, created = await store.claim(task, self.name)
+                if not created and await self._finished(msg, task, stored):
+                    return
             if stored.record.waiting != reason:
                 stored = await store.save(stored, lambda r: waiting(r, reason))
             self.counts["waiting"] += 1
             await msg.nak(delay=delay)
             return
         await self._run(msg, task, stored, choice)
+
+    async def _finished(self, msg: Msg, task: Task, stored: Stored) -> bool:
+        """Settle a task with nothing left to run: final already (ack), or out of
+        attempts or past its deadline (dead letter). False: it should run."""
+        record = stored.record
+        if record.final:
+            self.counts["duplicates"] += 1
+            await msg.ack()
+            return True
+        if record.attempts >= task.max_attempts:
+            # A dispatcher died between recording the last failure and the dead letter.
+            await self._dead(msg, task, stored, record.error or "attempts spent")
+            return True
+        if task.deadline is not None and task.deadline <= utc_now():
+            await self._dead(msg, task, stored, "deadline passed before the task could run")
+            return True
+        return False
 
     async def _place(self, task: Task, msg: Msg) -> Candidate | tuple[str, float]:
         """A candidate (its slot reserved), or why not and the nak delay."""
@@ -393,38 +412,48 @@ class Dispatcher:
                 async with self._changed, asyncio.timeout(min(hold_until - now, 0.25)):
                     await self._changed.wait()
 
-    async def _run(self, msg: Msg, task: Task, stored: Stored, agent: Candidate) -> None:
+    async def _run(self, msg: Msg, task: Task, stored: Stored | None, agent: Candidate) -> None:
+        """Record it running, send it, wait, settle; ``agent``'s slot is reserved."""
         store = self.store
         assert store is not None
-        attempt = stored.record.attempts + 1
-        loop = asyncio.get_running_loop()
-        run = _Run(task, msg, agent.agent_id, attempt, last_heard=loop.time())
-        self.runs[task.id] = run
-        assignment = TaskAssignment(task=task, attempt=attempt, ack_wait=self.ack_wait)
-        timeout = self.settings.run_timeout
-        if task.deadline is not None:
-            timeout = max(0.1, min(timeout, (task.deadline - utc_now()).total_seconds()))
-        request = asyncio.create_task(
-            self.nc.request(subjects.agent_tasks(agent.agent_id), encode(assignment), timeout)
-        )
+
+        def start(record: TaskRecord) -> TaskRecord:
+            return started(record, agent.agent_id, agent.node_id, self.name)
+
+        run: _Run | None = None
         try:
-            try:
-                stored = await store.save(
-                    stored, lambda r: started(r, agent.agent_id, agent.node_id, self.name)
-                )
-            except BaseException:
-                request.cancel()
-                raise
-            outcome = await self._watch(request, run, stored)
-            stored = outcome[1]
+            if stored is None:
+                # First delivery: the record is created already running (one write).
+                stored, created = await store.claim(task, self.name, first=start)
+                if not created:
+                    if await self._finished(msg, task, stored):
+                        return
+                    stored = await store.save(stored, start)
+            else:
+                stored = await store.save(stored, start)
+            if stored.record.final:
+                await self._finished(msg, task, stored)
+                return
+            attempt = stored.record.attempts + 1
+            run = _Run(task, msg, agent.agent_id, attempt, asyncio.get_running_loop().time())
+            self.runs[task.id] = run
+            assignment = TaskAssignment(task=task, attempt=attempt, ack_wait=self.ack_wait)
+            timeout = self.settings.run_timeout
+            if task.deadline is not None:
+                timeout = max(0.1, min(timeout, (task.deadline - utc_now()).total_seconds()))
+            request = asyncio.create_task(
+                self.nc.request(subjects.agent_tasks(agent.agent_id), encode(assignment), timeout)
+            )
+            outcome, stored = await self._watch(request, run, stored)
         finally:
-            self.runs.pop(task.id, None)
+            if run is not None:
+                self.runs.pop(task.id, None)
             self.by_agent[agent.agent_id] -= 1
             if self.by_agent[agent.agent_id] <= 0:
                 del self.by_agent[agent.agent_id]
             self.by_type[task.type] -= 1
             await self._notify()
-        await self._settle(msg, task, stored, outcome[0], attempt, agent)
+        await self._settle(msg, task, stored, outcome, run.attempt, agent)
 
     async def _watch(
         self, request: asyncio.Task[Msg], run: _Run, stored: Stored

@@ -276,20 +276,31 @@ class RecordStore:
             return None
         return Stored(decode_record(entry.value), entry.revision)
 
-    async def claim(self, task: Task, dispatcher: str) -> Stored:
-        """The task's record, created as ``queued`` when there is none yet."""
+    async def claim(
+        self,
+        task: Task,
+        dispatcher: str,
+        first: Callable[[TaskRecord], TaskRecord] | None = None,
+    ) -> tuple[Stored, bool]:
+        """The task's record and whether this call created it.
+
+        With no record yet, one is created: ``queued``, or ``first(queued)``
+        (e.g. already ``running`` on the agent chosen), in one write.
+        """
         record = new_record(task, dispatcher)
+        if first is not None:
+            record = first(record)
         try:
             revision = await self.kv.create(task.id, encode_record(record))
-            return Stored(record, revision)
+            return Stored(record, revision), True
         except nats.js.errors.KeyWrongLastSequenceError:
             pass
         found = await self.get(task.id)
         if found is None:
             # Deleted in between (an operator purged it): start over once.
             revision = await self.kv.put(task.id, encode_record(record))
-            return Stored(record, revision)
-        return found
+            return Stored(record, revision), True
+        return found, False
 
     async def save(
         self, current: Stored, change: Callable[[TaskRecord], TaskRecord], *, tries: int = 5
