@@ -28,32 +28,47 @@ Families (names as exposed)::
     fabric_events_published_total{kind}
     fabric_refused_messages_total{code}         malformed or refused input, by error code
     fabric_api_calls_total{method}
+    fabric_task_backlog{type}                   tasks in TASKS not yet acked (read per scrape)
+    fabric_tasks_in_flight{type}                tasks this controller is running on agents now
+    fabric_tasks_finished_total{type,outcome}   succeeded / failed / dead, as it dispatched them
+    fabric_task_duration_seconds{type}          histogram of attempt run times
 
 Served by aiohttp (asyncio, no thread) at ``/metrics``; ``/`` says where.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Iterator
 
+import nats.errors
+import nats.js.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fabric.cli import CommandFailed
 from fabric.controller.liveness import NodeFlags, node_state
 from fabric.controller.service import Controller
+from fabric.tasks.stream import TASKS_STREAM
 from schemas import subjects
 from schemas.agent import AgentState, AgentStatus, HealthVerdict
 from schemas.codec import decode
 from schemas.common import utc_now
 from schemas.errors import ContractError
+from schemas.event import CloudEvent
 from schemas.node import NodeHeartbeat, NodeMetrics, NodeState
 
 __all__ = ["ControllerMetrics", "current_agents", "run_with_metrics"]
@@ -101,6 +116,22 @@ class _Collector(Collector):
         yield from self._agents(current_agents(ctl))
         yield from self._nodes(ctl)
         yield from self._counters(ctl)
+        yield from self._tasks(ctl)
+
+    def _tasks(self, ctl: Controller) -> Iterator[Metric]:
+        backlog = GaugeMetricFamily(
+            "fabric_task_backlog", "Tasks stored in the queue, not yet acked", labels=["type"]
+        )
+        for task_type, n in sorted(self.metrics.backlog.items()):
+            backlog.add_metric([task_type], n)
+        in_flight = GaugeMetricFamily(
+            "fabric_tasks_in_flight", "Tasks this controller runs on agents now", labels=["type"]
+        )
+        dispatcher = getattr(ctl, "dispatcher", None)
+        by_type = getattr(dispatcher, "by_type", None) or {}
+        for task_type, n in sorted(by_type.items()):
+            in_flight.add_metric([task_type], n)
+        yield from (backlog, in_flight)
 
     @staticmethod
     def _controller(ctl: Controller) -> Iterator[Metric]:
@@ -218,9 +249,23 @@ class ControllerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         self.node_metrics: dict[str, NodeMetrics] = {}
+        self.backlog: dict[str, int] = {}
+        self.tasks_finished = PromCounter(
+            "fabric_tasks_finished",
+            "Tasks this controller dispatched to an end, by outcome",
+            ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.task_duration = Histogram(
+            "fabric_task_duration_seconds",
+            "Run time of task attempts on their agents",
+            ["type"],
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+        )
+        self._subs: list[Subscription] = []
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
-        self._sub: Subscription | None = None
 
     def render(self) -> bytes:
         """The exposition text of a scrape made now."""
@@ -234,7 +279,41 @@ class ControllerMetrics:
         if beat.metrics is not None:
             self.node_metrics[beat.node_id] = beat.metrics
 
+    async def _on_task_event(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, CloudEvent)
+        except ContractError:
+            return
+        data = event.data if isinstance(event.data, dict) else {}
+        task_type = data.get("type")
+        # Every controller sees every event: count only what this one dispatched.
+        if event.source != self.controller.source or not isinstance(task_type, str):
+            return
+        outcome = event.kind.removeprefix("task.")
+        if outcome in ("succeeded", "failed", "dead"):
+            self.tasks_finished.labels(task_type, outcome).inc()
+        duration = data.get("duration")
+        if outcome in ("succeeded", "failed") and isinstance(duration, int | float):
+            self.task_duration.labels(task_type).observe(duration)
+
+    async def refresh_backlog(self) -> None:
+        """Messages per ``tasks.<type>.queue`` in stream TASKS (work queue: not yet acked)."""
+        js = self.controller.nc.jetstream()
+        try:
+            async with asyncio.timeout(1.0):
+                info = await js.stream_info(TASKS_STREAM, subjects_filter=subjects.TASK_QUEUES)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            return  # no task stream yet, or JetStream busy: the last figures stand
+        counts: dict[str, int] = {}
+        for subject, n in (info.state.subjects or {}).items():
+            with contextlib.suppress(ContractError):
+                parsed = subjects.parse_subject(subject)
+                if parsed.id is not None:
+                    counts[parsed.id] = n
+        self.backlog = counts
+
     async def _handle(self, _request: web.Request) -> web.Response:
+        await self.refresh_backlog()
         return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @staticmethod
@@ -256,18 +335,20 @@ class ControllerMetrics:
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
             ) from None
         self._runner = runner
-        self._sub = await self.controller.nc.subscribe(
-            subjects.ALL_HEARTBEATS, cb=self._on_heartbeat
-        )
+        nc = self.controller.nc
+        self._subs = [
+            await nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat),
+            await nc.subscribe("events.task.>", cb=self._on_task_event),
+        ]
         self.port = int(runner.addresses[0][1])
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
+        self._subs = []
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fabric.client import FabricClient, open_client
 from fabric.env import FabricEnv
 from fabric.nats_server import NatsServer
+from fabric.tasks.client import TaskClient
 from schemas import subjects
 from schemas.agent import AgentSpec
 from schemas.api import CreateDeployment, Deployment
@@ -194,6 +195,14 @@ async def _fleet_moves(client: FabricClient, scrape: Scraper, fleet: Fleet) -> N
         return (value(s, "fabric_agent_restarts_total", agent="pm", node="n1") or 0) > 0
 
     await eventually("pm's restart counted", restarted)
+
+    # A task no agent serves waits in the queue: the backlog of its type shows it.
+    await TaskClient(client.nc, submitted_by="test").submit("pmnobody", {"n": 1})
+
+    async def queued() -> bool:
+        return value(await scrape(), "fabric_task_backlog", type="pmnobody") == 1
+
+    await eventually("the task backlog", queued)
 
     # A malformed API request is refused and counted by its code.
     refused = value(scrape.last, "fabric_refused_messages_total", code="invalid_payload") or 0
