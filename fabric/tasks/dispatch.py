@@ -520,8 +520,11 @@ class Dispatcher:
         if isinstance(outcome, TaskResult) and outcome.outcome is TaskOutcome.SUCCEEDED:
             result = outcome
             stored = await store.save(stored, lambda r: succeeded(r, result))
-            self._event("task.succeeded", stored.record)
-            self.counts["succeeded"] += 1
+            if stored.applied:
+                self._event("task.succeeded", stored.record)
+                self.counts["succeeded"] += 1
+            else:
+                self.counts["duplicates"] += 1  # another dispatcher finished it first
             await msg.ack()
             return
         if isinstance(outcome, TaskResult) and outcome.outcome is TaskOutcome.RETRY:
@@ -534,13 +537,18 @@ class Dispatcher:
         if not outcome.counts:
             reason = outcome.error
             stored = await store.save(stored, lambda r: handed_back(r, reason))
+            if not stored.applied:
+                self.counts["duplicates"] += 1
+                await msg.ack()
+                return
             self.counts["handed_back"] += 1
             delay = min(5.0, self.settings.handback_delay * msg.metadata.num_delivered)
             await msg.nak(delay=delay)
             return
         error = outcome.error
         stored = await store.save(stored, lambda r: after_failure(r, attempt, error)[0])
-        if stored.record.final:
+        if not stored.applied:
+            self.counts["duplicates"] += 1
             await msg.ack()
             return
         if stored.record.attempts >= stored.record.max_attempts:
@@ -570,8 +578,9 @@ class Dispatcher:
             self.js, dead_subject(task.type), encode(letter), msg_id=task.id, stream=DEAD_STREAM
         )
         stored = await store.save(stored, lambda r: went_dead(r, error))
-        self._event("task.dead", stored.record)
-        self.counts["dead"] += 1
+        if stored.applied:
+            self._event("task.dead", stored.record)
+            self.counts["dead"] += 1
         await msg.term()
 
     # --- progress and events ---------------------------------------------------

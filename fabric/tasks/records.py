@@ -253,6 +253,8 @@ class Stored:
 
     record: TaskRecord
     revision: int
+    applied: bool = True
+    """False when a save found the record final and left it as it was."""
 
 
 class RecordStore:
@@ -314,7 +316,7 @@ class RecordStore:
         stored = current
         for _ in range(tries):
             if stored.record.final:
-                return stored
+                return Stored(stored.record, stored.revision, applied=False)
             record = change(stored.record)
             data = encode_record(record)
             if len(data) > _MAX_RECORD_BYTES:

@@ -32,6 +32,7 @@ from fabric.tasks.stream import TASKS_STREAM, QueueSettings
 
 WORKERS = Path(__file__).resolve().parent
 LEDGER_WORKER = WORKERS / "ledger.py"
+DISPATCHER = WORKERS / "dispatcher.py"
 
 
 def fast_settings(ack_wait: float = 1.5, **kw: Any) -> DispatchSettings:
@@ -79,38 +80,55 @@ class TaskRig:
     async def tasks(self) -> TaskClient:
         return TaskClient(await self.clients("op-1"), submitted_by="op-1")
 
-    def worker_env(self, agent_id: str) -> dict[str, str]:
-        ident = self.pki["work-1"]
-        return {
+    def env(self, identity: str, agent_id: str | None = None) -> dict[str, str]:
+        ident = self.pki[identity]
+        env = {
             **os.environ,
-            "FABRIC_AGENT_ID": agent_id,
             "FABRIC_NODE_ID": "n1",
             "FABRIC_NATS_URL": self.server.url,
             "FABRIC_CA": str(self.pki.ca),
             "FABRIC_CERT": str(ident.cert),
             "FABRIC_KEY": str(ident.key),
         }
+        if agent_id is not None:
+            env["FABRIC_AGENT_ID"] = agent_id
+        return env
 
-    def spawn(self, agent_id: str, *types: str, grace: float = 5.0) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, str(LEDGER_WORKER), str(self.ledger), *types, "--grace", str(grace)]
-        with (self.base / f"{agent_id}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                argv, env=self.worker_env(agent_id), stdout=subprocess.PIPE, stderr=log
-            )
-        self.procs[agent_id] = proc
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.base / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log)
+        self.procs[name] = proc
+        return proc
+
+    async def started(self, name: str) -> subprocess.Popen[bytes]:
+        """Wait for the process to print ``ready``."""
+        proc = self.procs[name]
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=15)
+        assert line.strip() == b"ready", f"{name} did not start: {line!r}"
         return proc
 
     async def worker(
-        self, agent_id: str, *types: str, grace: float = 5.0, listed: bool = True
+        self, agent_id: str, *types: str, grace: float = 5.0, concurrency: int = 4
     ) -> subprocess.Popen[bytes]:
         """Spawn tests/workers/ledger.py as agent ``agent_id``; returns once it listens."""
-        proc = self.spawn(agent_id, *types, grace=grace)
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=15)
-        assert line.strip() == b"ready", f"worker {agent_id} did not start: {line!r}"
-        if listed:
-            self.view[agent_id] = Candidate(agent_id, "n1", frozenset(types))
+        argv = [
+            sys.executable, str(LEDGER_WORKER), str(self.ledger), *types,
+            "--grace", str(grace), "--concurrency", str(concurrency),
+        ]  # fmt: skip
+        self.spawn(agent_id, argv, self.env("work-1", agent_id))
+        proc = await self.started(agent_id)
+        self.view[agent_id] = Candidate(agent_id, "n1", frozenset(types))
         return proc
+
+    async def dispatcher_proc(
+        self, name: str, ack_wait: float, agents: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """tests/workers/dispatcher.py as controller ``ctl-1``; ``agents``: id -> types."""
+        argv = [sys.executable, str(DISPATCHER), name, str(ack_wait)]
+        argv += [f"{agent_id}:{types}" for agent_id, types in agents.items()]
+        self.spawn(name, argv, {**self.env("ctl-1"), "PYTHONPATH": str(WORKERS.parent.parent)})
+        return await self.started(name)
 
     # --- observing ---------------------------------------------------------------
 
