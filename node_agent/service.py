@@ -117,6 +117,7 @@ class NodeAgent:
         self._heartbeat_interval = config.heartbeat_interval
         self._started_at = utc_now()
         self._registered = False
+        self._register_again = asyncio.Event()
         self._fence = PartitionFence()
         self._fenced_agents: set[str] = set()
         self._log_streamers: dict[str, LogStreamer] = {}
@@ -308,8 +309,21 @@ class NodeAgent:
         self._notifier.ready(f"connected to {nc.connected_url.netloc if nc.connected_url else '?'}")
         self.ready.set()
         self._node_event("node.started", {"pid": os.getpid(), "version": __version__})
-        await self._register()
-        await asyncio.Event().wait()  # nats-py reconnects by itself from here on
+        await self._registration_loop()  # nats-py reconnects by itself from here on
+
+    async def _registration_loop(self) -> None:
+        """Register now, again on every reconnect or fence lift, and keep trying
+        with backoff while no controller answers (controllers may start later)."""
+        delay = 1.0
+        while True:
+            self._register_again.clear()
+            if await self._register():
+                delay = 1.0
+                await self._register_again.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._register_again.wait(), delay)
+            delay = min(delay * 2, 10.0)
 
     async def _serve(self, nc: Client) -> None:
         service = await nats.micro.add_service(
@@ -389,16 +403,17 @@ class NodeAgent:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
-        self._spawn(self._register())
+        self._register_again.set()
 
     async def _on_disconnected(self) -> None:
         log.warning("disconnected from NATS; agents keep running")
 
-    async def _register(self) -> None:
+    async def _register(self) -> bool:
+        """One registration attempt; True when a controller answered and we applied it."""
         nc = self._nc
         sup = self._require_supervisor()
         if nc is None:
-            return
+            return False
         mem = psutil.virtual_memory()
         info = NodeInfo(
             node_id=self.config.node_id,
@@ -425,15 +440,15 @@ class NodeAgent:
                 log.warning("no controller answered registration; carrying on standalone")
             else:
                 log.info("no controller answered; running standalone")
-            return
+            return False
         try:
             reply = decode(msg.data, RegisterReply | ErrorReply)  # type: ignore[arg-type]
         except ContractError as exc:
             log.error("bad registration reply: %s", exc)
-            return
+            return False
         if isinstance(reply, ErrorReply):
             log.error("registration refused: %s", reply.message)
-            return
+            return False
         self._registered = True
         log.info("registered with a controller: %d placements here", len(reply.agents))
         # The controller's liveness clock is tuned to its own interval.
@@ -450,6 +465,7 @@ class NodeAgent:
                     await sup.start(name)
             except ContractError as exc:
                 log.error("cannot place %s: %s", name, exc)
+        return True
 
     async def _drop_unplaced(self, reply: RegisterReply) -> None:
         """Remove controller-placed copies (epoch > 0) the controller no longer places here.
@@ -517,7 +533,7 @@ class NodeAgent:
                     await self._self_fence()
                 if self._fence.contact(sent):
                     log.warning("contact with NATS is back; asking the controller what is ours")
-                    self._spawn(self._register())
+                    self._register_again.set()
             await asyncio.sleep(max(0.0, sent + period - loop.time()))
 
     async def _round_trip(self, timeout: float) -> bool:  # noqa: ASYNC109 - the probe's own bound

@@ -60,6 +60,11 @@ def cluster_size(nc: Client) -> int:
     """
     info = nc._server_info  # nats-py keeps the INFO it received; no public accessor
     urls = info.get("connect_urls") or []
+    if info.get("cluster"):
+        # Right after start-up a member may not know every peer yet, and a
+        # stream made R2 then would stall when one server goes: a cluster
+        # counts as (at least) three, the size the fabric's R3 needs.
+        return max(3, len(set(urls)))
     return max(1, len(set(urls)))
 
 
