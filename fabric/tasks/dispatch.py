@@ -48,6 +48,7 @@ from fabric.tasks.records import (
     RecordStore,
     Stored,
     TaskRecord,
+    TaskState,
     after_failure,
     handed_back,
     started,
@@ -368,6 +369,9 @@ class Dispatcher:
         attempts or past its deadline (dead letter). False: it should run."""
         record = stored.record
         if record.final:
+            # Its dispatcher may have died before the event and the ack: say it again.
+            kind = "task.succeeded" if record.state is TaskState.SUCCEEDED else "task.dead"
+            await self._event(kind, record)
             self.counts["duplicates"] += 1
             await msg.ack()
             return True
@@ -521,7 +525,7 @@ class Dispatcher:
             result = outcome
             stored = await store.save(stored, lambda r: succeeded(r, result))
             if stored.applied:
-                self._event("task.succeeded", stored.record)
+                await self._event("task.succeeded", stored.record)
                 self.counts["succeeded"] += 1
             else:
                 self.counts["duplicates"] += 1  # another dispatcher finished it first
@@ -554,7 +558,7 @@ class Dispatcher:
         if stored.record.attempts >= stored.record.max_attempts:
             await self._dead(msg, task, stored, error)
             return
-        self._event("task.failed", stored.record)
+        await self._event("task.failed", stored.record)
         self.counts["failed"] += 1
         settings = self.settings
         delay = retry_delay(stored.record.attempts, settings.retry_base, settings.retry_cap)
@@ -579,7 +583,7 @@ class Dispatcher:
         )
         stored = await store.save(stored, lambda r: went_dead(r, error))
         if stored.applied:
-            self._event("task.dead", stored.record)
+            await self._event("task.dead", stored.record)
             self.counts["dead"] += 1
         await msg.term()
 
@@ -601,8 +605,14 @@ class Dispatcher:
         with contextlib.suppress(nats.errors.Error):
             await run.msg.in_progress()
 
-    def _event(self, kind: str, record: TaskRecord) -> None:
-        """Core publish into EVENTS (deduplicated by event id); nothing waits for it."""
+    async def _event(self, kind: str, record: TaskRecord) -> None:
+        """Core publish into EVENTS, before the message's ack on the same connection.
+
+        The event id is fixed per task and outcome (per attempt for
+        ``task.failed``), so the redelivery of a task whose dispatcher died
+        between its record and its ack publishes the same event again and
+        EVENTS keeps one (listeners on the subject may see it twice).
+        """
         data: dict[str, Any] = {
             "task_id": record.id,
             "type": record.type,
@@ -618,15 +628,15 @@ class Dispatcher:
             data["duration"] = round(duration, 6)
         actor = record.submitted_by or None
         event = make_event(kind, source=self.source, subject=record.id, data=data, actor=actor)
-        body = encode(event)
-        headers = {"Nats-Msg-Id": event.id}
-        task = asyncio.ensure_future(self.nc.publish(subjects.event(kind), body, headers=headers))
-        task.add_done_callback(_ignore)
-
-
-def _ignore(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("event not published: %s", task.exception())
+        event_id = f"{record.id}.{kind}"
+        if kind == "task.failed":
+            event_id += f".{record.attempts}"
+        event = msgspec.structs.replace(event, id=event_id)
+        headers = {"Nats-Msg-Id": event_id}
+        try:
+            await self.nc.publish(subjects.event(kind), encode(event), headers=headers)
+        except nats.errors.Error as exc:
+            log.debug("event %s not published: %s", event_id, exc)
 
 
 def _progress_change(fraction: float | None, message: str) -> Callable[[TaskRecord], TaskRecord]:
