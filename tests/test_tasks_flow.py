@@ -19,7 +19,7 @@ from workers.rig import TaskRig, fast_settings
 from fabric.nats_server import NatsServer
 from fabric.tasks.client import make_task
 from fabric.tasks.records import DeadTask, TaskState
-from fabric.tasks.stream import DEAD_STREAM
+from fabric.tasks.stream import DEAD_STREAM, QueueSettings
 from schemas.codec import decode
 
 
@@ -184,3 +184,16 @@ async def test_junk_on_the_queue_is_termed_not_retried(rig: TaskRig) -> None:
     await rig.queue_drained()
     assert await tasks.get("t-misplaced") is None
     assert [e["task"] for e in rig.entries("start")] == [good.task.id]
+
+
+async def test_a_task_past_max_deliver_is_dead_lettered_not_left_behind(rig: TaskRig) -> None:
+    queue = QueueSettings(ack_wait=0.5, max_deliver=3, backoff_steps=2)
+    await rig.dispatcher(fast_settings(queue=queue))
+    tasks = await rig.tasks()
+
+    submitted = await tasks.submit("echo", {"n": 1})
+    record = await tasks.wait(submitted.task.id, within=10)
+
+    assert (record.state, record.attempts) == (TaskState.DEAD, 0)
+    assert record.error == "delivered 3 times without finishing (max_deliver)"
+    await rig.queue_drained()

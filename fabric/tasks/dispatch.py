@@ -94,6 +94,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROGRESS_SUBJECT = "events.task.progress"
+MAX_DELIVERIES_ADVISORY = (
+    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.{DISPATCH_CONSUMER}"
+)
 _MAX_REPLY = 2 * MAX_TASK_PAYLOAD_BYTES + 64 * 1024
 _MAX_PROGRESS = 64 * 1024
 
@@ -194,6 +197,11 @@ class _ProgressEvent(msgspec.Struct):
     data: Any = None
 
 
+class _MaxDeliveries(msgspec.Struct):
+    stream_seq: int
+    deliveries: int = 0
+
+
 class Dispatcher:
     """Fetches from ``dispatch`` and runs tasks on agents; :meth:`run` until cancelled."""
 
@@ -249,12 +257,15 @@ class Dispatcher:
             durable=DISPATCH_CONSUMER, stream=TASKS_STREAM, pending_msgs_limit=0
         )
         progress = await self.nc.subscribe(PROGRESS_SUBJECT, cb=self._on_progress)
+        given_up = await self.nc.subscribe(
+            MAX_DELIVERIES_ADVISORY, queue="fabric-dispatch", cb=self._on_max_deliveries
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 self.ready.set()
                 await self._fetch_loop(psub, tg)
         finally:
-            for sub in (psub, progress):
+            for sub in (psub, progress, given_up):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
@@ -565,7 +576,12 @@ class Dispatcher:
         await msg.nak(delay=delay)
 
     async def _dead(self, msg: Msg, task: Task, stored: Stored, error: str) -> None:
-        """Copy to ``tasks.<type>.dead`` (deduplicated by task id), record, then term."""
+        """Dead-letter the task, then term its message."""
+        await self._bury(task, stored, error)
+        await msg.term()
+
+    async def _bury(self, task: Task, stored: Stored, error: str) -> None:
+        """Copy to ``tasks.<type>.dead`` (deduplicated by task id), then record it dead."""
         store = self.store
         assert store is not None
         record = stored.record
@@ -585,7 +601,27 @@ class Dispatcher:
         if stored.applied:
             await self._event("task.dead", stored.record)
             self.counts["dead"] += 1
-        await msg.term()
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """JetStream gave up redelivering a task (``max_deliver``): it would sit in the
+        stream forever, so it is dead-lettered and deleted."""
+        store = self.store
+        try:
+            advisory = msgspec.json.decode(msg.data, type=_MaxDeliveries)
+            stored_msg = await self.js.get_msg(TASKS_STREAM, advisory.stream_seq)
+            if store is None or stored_msg.data is None:
+                return
+            task = decode(stored_msg.data, Task, max_bytes=MAX_TASK_PAYLOAD_BYTES)
+            stored, _ = await store.claim(task, self.name)
+            if not stored.record.final:
+                why = f"delivered {advisory.deliveries} times without finishing (max_deliver)"
+                await self._bury(task, stored, why)
+            await self.js.delete_msg(TASKS_STREAM, advisory.stream_seq)
+        except (msgspec.DecodeError, ContractError) as exc:
+            log.warning("max-deliveries advisory not handled: %s", exc)
+        except STORE_ERRORS as exc:
+            # Gone already (another controller handled it) or the store is away.
+            log.info("max-deliveries advisory: %s", exc)
 
     # --- progress and events ---------------------------------------------------
 

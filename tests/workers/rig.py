@@ -35,7 +35,9 @@ LEDGER_WORKER = WORKERS / "ledger.py"
 DISPATCHER = WORKERS / "dispatcher.py"
 
 
-def fast_settings(ack_wait: float = 1.5, **kw: Any) -> DispatchSettings:
+def fast_settings(
+    ack_wait: float = 1.5, queue: QueueSettings | None = None, **kw: Any
+) -> DispatchSettings:
     """Short delays so retries, waits and losses show within a test's time."""
     defaults: dict[str, Any] = {
         "no_agent_delay": 0.1,
@@ -48,7 +50,7 @@ def fast_settings(ack_wait: float = 1.5, **kw: Any) -> DispatchSettings:
         "fetch_wait": 0.5,
     }
     defaults.update(kw)
-    return DispatchSettings(queue=QueueSettings(ack_wait=ack_wait), **defaults)
+    return DispatchSettings(queue=queue or QueueSettings(ack_wait=ack_wait), **defaults)
 
 
 @dataclass
