@@ -30,6 +30,11 @@ What the worker does:
   ``events.task.progress`` at least every ``ack_wait / 3`` seconds (a
   keepalive; :meth:`TaskContext.progress` sends a real one), which keeps
   the task's JetStream ack deadline alive and tells the dispatcher it lives;
+* a handler declared with ``direct=True`` also takes fire-and-forget tasks
+  from ``tasks.<type>.direct`` (core NATS, one worker of the queue group
+  each): **at most once**, never stored, never retried, no record; lost if
+  no worker listens or the worker dies. Needs the worker role to subscribe
+  ``tasks.*.direct`` and senders to publish there;
 * on SIGTERM or SIGINT it drains: stops taking assignments, lets running
   handlers finish within ``grace`` seconds, and hands back the rest (and any
   still waiting for a slot) with outcome ``retry``, which does not use one of
@@ -53,6 +58,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from fabric.connect import connect
+from fabric.tasks.stream import direct_subject
 from schemas import subjects
 from schemas.codec import decode, encode
 from schemas.common import utc_now
@@ -78,6 +84,8 @@ MAX_RESULT_BYTES = MAX_TASK_PAYLOAD_BYTES
 """The largest encoded result a handler may return; a larger one fails the attempt."""
 _MAX_ASSIGNMENT = MAX_TASK_PAYLOAD_BYTES + 16 * 1024
 _MAX_ERROR = 4096
+_NO_KEEPALIVE = 7 * 24 * 3600.0
+DIRECT_QUEUE = "fabric-direct"
 
 Handler = Callable[["TaskContext", Any], Awaitable[Any]]
 H = TypeVar("H", bound=Handler)
@@ -110,6 +118,7 @@ class _Route:
     handler: Handler
     concurrency: int
     slots: asyncio.Semaphore
+    direct: bool = False
 
 
 @dataclass(slots=True)
@@ -121,6 +130,8 @@ class _Held:
     last_report: float
     runner: asyncio.Task[Any] | None = None
     running: bool = False
+    direct: bool = False
+    """Came on ``tasks.<type>.direct``: no keepalive, a reply only if one was asked."""
     started_at: Any = field(default_factory=utc_now)
 
 
@@ -153,8 +164,16 @@ class Worker:
 
     # --- declaring handlers ----------------------------------------------------
 
-    def task(self, task_type: str, *, concurrency: int = 1) -> Callable[[H], H]:
-        """Decorator: ``handler(ctx, payload)`` serves ``task_type``, ``concurrency`` at once."""
+    def task(
+        self, task_type: str, *, concurrency: int = 1, direct: bool = False
+    ) -> Callable[[H], H]:
+        """Decorator: ``handler(ctx, payload)`` serves ``task_type``, ``concurrency`` at once.
+
+        ``direct=True`` also takes fire-and-forget tasks of this type from
+        ``tasks.<type>.direct`` (core NATS, queue group: one worker each):
+        at most once, nothing stored, nothing retried; a sender that asked
+        with a reply subject gets the :class:`TaskResult`.
+        """
         validate_id(task_type, "task type")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -162,7 +181,8 @@ class Worker:
         def register(handler: H) -> H:
             if task_type in self._routes:
                 raise ValueError(f"a handler for {task_type!r} is already registered")
-            self._routes[task_type] = _Route(handler, concurrency, asyncio.Semaphore(concurrency))
+            slots = asyncio.Semaphore(concurrency)
+            self._routes[task_type] = _Route(handler, concurrency, slots, direct)
             return handler
 
         return register
@@ -194,15 +214,21 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                sub = await nc.subscribe(
-                    subjects.agent_tasks(self.agent_id), cb=self._on_assignment
-                )
+                subs = [
+                    await nc.subscribe(subjects.agent_tasks(self.agent_id), cb=self._on_assignment)
+                ]
+                for task_type, route in sorted(self._routes.items()):
+                    if route.direct:
+                        subject = direct_subject(task_type)
+                        subs.append(
+                            await nc.subscribe(subject, queue=DIRECT_QUEUE, cb=self._on_direct)
+                        )
                 await nc.flush()
                 keepalive = tg.create_task(self._keepalive())
                 self.ready.set()
                 log.info("worker %s serves %s", self.agent_id, ", ".join(self.task_types))
                 await self._stop.wait()
-                await self._drain(sub, keepalive)
+                await self._drain(subs, keepalive)
         finally:
             self._tg = None
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -212,10 +238,11 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await nc.drain()
 
-    async def _drain(self, sub: Any, keepalive: asyncio.Task[None]) -> None:
+    async def _drain(self, subs: list[Any], keepalive: asyncio.Task[None]) -> None:
         self._draining = True
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
         # Not started yet: hand back at once. Running: finish within the grace period.
         for held in list(self._held.values()):
             if not held.running and held.runner is not None:
@@ -246,7 +273,25 @@ class Worker:
         self._held[key] = held
         held.runner = tg.create_task(self._serve(held))
 
-    async def _serve(self, held: _Held) -> None:
+    async def _on_direct(self, msg: Msg) -> None:
+        tg = self._tg
+        if tg is None or self._draining:
+            return  # at most once: a draining worker drops it
+        try:
+            task = decode(msg.data, Task, max_bytes=MAX_TASK_PAYLOAD_BYTES)
+        except ContractError as exc:
+            if msg.reply:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(encode(exc.to_reply()))
+            return
+        # Never kept alive: ack_wait only sizes the (unused) keepalive.
+        assignment = TaskAssignment(task=task, attempt=1, ack_wait=_NO_KEEPALIVE)
+        held = _Held(msg, assignment, asyncio.get_running_loop().time(), direct=True)
+        key = (f"direct-{id(held)}", 1)
+        self._held[key] = held
+        held.runner = tg.create_task(self._serve(held, key))
+
+    async def _serve(self, held: _Held, key: tuple[str, int] | None = None) -> None:
         assignment = held.assignment
         task = assignment.task
         route = self._routes.get(task.type)
@@ -272,7 +317,7 @@ class Worker:
                 return
             await self._answer(held, TaskOutcome.SUCCEEDED, result=value)
         finally:
-            self._held.pop((task.id, assignment.attempt), None)
+            self._held.pop(key or (task.id, assignment.attempt), None)
 
     async def _answer(
         self, held: _Held, outcome: TaskOutcome, *, result: Any = None, error: str | None = None
@@ -301,6 +346,8 @@ class Worker:
             outcome = TaskOutcome.FAILED
         key = {"succeeded": "succeeded", "failed": "failed", "retry": "handed_back"}[outcome.value]
         self.counts[key] += 1
+        if held.direct and not held.msg.reply:
+            return
         try:
             await held.msg.respond(body)
         except nats.errors.Error as exc:
@@ -334,9 +381,9 @@ class Worker:
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            intervals = [h.assignment.ack_wait / 3 for h in self._held.values()]
+            intervals = [h.assignment.ack_wait / 3 for h in self._held.values() if not h.direct]
             await asyncio.sleep(min([*intervals, 1.0]) / 2)
             now = loop.time()
             for held in list(self._held.values()):
-                if now - held.last_report >= held.assignment.ack_wait / 3:
+                if not held.direct and now - held.last_report >= held.assignment.ack_wait / 3:
                     await self._report(held, None, "")

@@ -13,6 +13,8 @@ import pytest
 from natsfixtures import Clients
 from workers.rig import Events
 
+from fabric.permissions import permissions_for
+from fabric.tasks.client import TaskClient, make_task
 from fabric.worker import TaskContext, Worker
 from schemas import subjects
 from schemas.codec import decode, encode
@@ -167,3 +169,39 @@ def test_handlers_are_declared_once_with_a_valid_type() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         worker.task("other", concurrency=0)
     assert worker.task_types == ["echo"]
+
+
+DIRECT_ALLOWED = permissions_for("worker", "work-1").may_subscribe(
+    "tasks.*.direct"
+) and permissions_for("operator", "op-1").may_publish("tasks.*.direct")
+
+
+@pytest.mark.skipif(
+    not DIRECT_ALLOWED,
+    reason="needs worker subscribe and operator publish on tasks.*.direct (fabric/permissions.py)",
+)
+async def test_direct_tasks_go_to_one_worker_of_the_queue_group(connect_as: Clients) -> None:
+    seen: list[tuple[str, Any]] = []
+    workers = []
+    for name in ("d1", "d2"):
+        worker = Worker(name, nc=await connect_as("work-1"))
+
+        @worker.task("ping", direct=True)
+        async def ping(ctx: TaskContext, payload: Any, name: str = name) -> Any:
+            seen.append((name, payload))
+            return payload
+
+        workers.append((worker, asyncio.create_task(worker.run())))
+        await asyncio.wait_for(worker.ready.wait(), 5)
+    tasks = TaskClient(await connect_as("op-1"), submitted_by="op-1")
+    try:
+        for i in range(20):
+            await tasks.send_direct("ping", i)
+        _, data = make_task("ping", "asked")
+        reply = await tasks.nc.request("tasks.ping.direct", data, timeout=5)
+        assert decode(reply.data, TaskResult).result == "asked"
+    finally:
+        for worker, runner in workers:
+            worker.stop()
+            await asyncio.wait_for(runner, 10)
+    assert sorted(p for _, p in seen if p != "asked") == list(range(20)), "each one exactly once"
