@@ -74,6 +74,8 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 5.0
+UNAVAILABLE_RETRY = 20.0
+"""Seconds an API call is repeated while the controller says JetStream is unavailable."""
 TOKEN_TTL = 60.0
 _ISSUER = "fabric-cli"
 
@@ -213,15 +215,27 @@ class FabricClient:
         return bytes(msg.data)
 
     async def api(self, method: str, request: Any, *, within: float | None = None) -> ApiResult:
-        """Call ``fabric.api.<method>`` with a token bound to the request's target."""
+        """Call ``fabric.api.<method>`` with a token bound to the request's target.
+
+        A controller answering ``unavailable`` (JetStream electing a leader)
+        changed nothing, and every API call is idempotent, so it is asked
+        again, with a fresh token, for up to ``UNAVAILABLE_RETRY`` seconds.
+        """
         agent, node = _target(request)
-        token = self.mint([_API_SCOPES[method]], agent=agent, node=node)
-        body = encode(msgspec.structs.replace(request, token=token))
-        data = await self.request(subjects.api(method), body, what="controller", within=within)
-        reply = _decode(data, ApiResult | ErrorReply, "controller")
-        if isinstance(reply, ErrorReply):
-            raise FabricError(reply.code, reply.message)
-        return reply  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + UNAVAILABLE_RETRY
+        delay = 0.2
+        while True:
+            token = self.mint([_API_SCOPES[method]], agent=agent, node=node)
+            body = encode(msgspec.structs.replace(request, token=token))
+            data = await self.request(subjects.api(method), body, what="controller", within=within)
+            reply = _decode(data, ApiResult | ErrorReply, "controller")
+            if not isinstance(reply, ErrorReply):
+                return reply  # type: ignore[no-any-return]
+            if reply.code is not ErrorCode.UNAVAILABLE or loop.time() + delay > give_up:
+                raise FabricError(reply.code, reply.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def discover(
         self, request: DiscoverRequest, *, within: float | None = None

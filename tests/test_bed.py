@@ -130,7 +130,7 @@ def _ready(fab: Fabric, host: Host) -> set[str]:
     return {n["info"]["node_id"] for n in nodes if n["state"] == "ready"}
 
 
-def test_fabric_spreads_over_hosts_and_re_places_a_lost_host(fabric: Fabric) -> None:
+def test_fabric_spreads_over_hosts_and_re_places_a_cut_off_host(fabric: Fabric) -> None:
     h1, h2, h3 = fabric.bed.hosts
     until(lambda: _ready(fabric, h3) == {"host-1", "host-2", "host-3"}, 60, "3 ready nodes")
 
@@ -161,6 +161,28 @@ def test_fabric_spreads_over_hosts_and_re_places_a_lost_host(fabric: Fabric) -> 
     finally:
         fabric.bed.heal(2)
     until(lambda: "host-3" in _ready(fabric, h1), 60, "host-3 back")
+
+
+def test_a_killed_host_has_its_agent_re_placed(fabric: Fabric) -> None:
+    h1, h2, h3 = fabric.bed.hosts
+    until(lambda: _ready(fabric, h1) == {"host-1", "host-2", "host-3"}, 60, "3 ready nodes")
+    run = fabric.cli(h1, "run", "doomed", "--replicas", "3", "--", "sleep", "600", timeout=90)
+    assert run.returncode == 0, run.stderr
+
+    def on(node: str) -> list[str]:
+        agents = fabric.json(h2, "ps") or []
+        return [
+            a["agent_id"]
+            for a in agents
+            if a["agent_id"].startswith("doomed")
+            and a["node_id"] == node
+            and a["state"] == "running"
+        ]
+
+    victim = until(lambda: on("host-3"), 30, "a doomed replica on host-3")[0]
+    fabric.bed.kill(2)  # host-3 loses power: its NATS server, node agent and agents
+    until(lambda: victim in on("host-1") + on("host-2"), 60, f"{victim} re-placed")
+    assert h3.pids() == []
 
 
 def test_a_bed_leaves_nothing_behind(tmp_path: Path) -> None:

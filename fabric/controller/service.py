@@ -349,6 +349,15 @@ class Controller:
         except ContractError as exc:
             self.refused[exc.code.value] += 1
             reply = exc.to_reply()
+        except (nats.js.errors.ServiceUnavailableError, TimeoutError) as exc:
+            # JetStream is electing a leader or a server is going: nothing was
+            # changed, and every request here is safe to repeat.
+            log.warning("request on %s: JetStream unavailable (%s)", req.subject, exc)
+            self.refused[ErrorCode.UNAVAILABLE.value] += 1
+            reply = ErrorReply(
+                code=ErrorCode.UNAVAILABLE,
+                message="JetStream is temporarily unavailable (leader election); retry",
+            )
         except Exception:
             log.exception("request on %s failed", req.subject)
             self.refused[ErrorCode.INTERNAL.value] += 1
