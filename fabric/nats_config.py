@@ -30,6 +30,7 @@ from fabric.pki import Identity, PkiError, active_identities
 __all__ = [
     "AUTH_FILE",
     "ClusterSettings",
+    "LeafSettings",
     "ServerSettings",
     "cluster_routes",
     "render_authorization",
@@ -65,6 +66,23 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LeafSettings:
+    """Leaf-node links: a hub accepts them on ``listen_port``; an edge server
+    dials ``remotes`` (``host:port`` of hub servers).
+
+    An edge site runs its own server as a leaf of the hub cluster, with its
+    own JetStream ``domain``: its clients, streams and KV keep working while
+    the uplink is down, and traffic flows to the hub again when it heals.
+    Both ends authenticate with the server certificate (mutual TLS), and a
+    hub admits only that certificate's DN on its leaf port.
+    """
+
+    listen_port: int | None = None
+    remotes: tuple[str, ...] = ()
+    domain: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     """Everything the main config of one server depends on.
 
@@ -82,6 +100,7 @@ class ServerSettings:
     max_memory_store: int | None = None
     max_file_store: int | None = None
     cluster: ClusterSettings | None = None
+    leaf: LeafSettings | None = None
     monitor_port: int | None = None
     max_payload: int = 1024 * 1024
     ping_interval: int = 10
@@ -162,6 +181,8 @@ def render_server_config(settings: ServerSettings, *, auth_file: str = AUTH_FILE
     ]
     if s.jetstream:
         lines += ["", "jetstream {", f"  store_dir: {_q(s.store_dir.resolve())}"]
+        if s.leaf is not None and s.leaf.domain:
+            lines.append(f"  domain: {_q(s.leaf.domain)}")
         if s.max_memory_store is not None:
             lines.append(f"  max_memory_store: {s.max_memory_store}")
         if s.max_file_store is not None:
@@ -183,6 +204,8 @@ def render_server_config(settings: ServerSettings, *, auth_file: str = AUTH_FILE
             *_tls_block(s, "  ", verify_line="verify_and_map: true"),
             "}",
         ]
+    if s.leaf is not None:
+        lines += ["", *_leaf_block(s, s.leaf)]
     if s.monitor_port is not None:
         lines += [
             "",
@@ -191,6 +214,25 @@ def render_server_config(settings: ServerSettings, *, auth_file: str = AUTH_FILE
         ]
     lines += ["", f"include {_q(auth_file)}", ""]
     return "\n".join(lines)
+
+
+def _leaf_block(s: ServerSettings, leaf: LeafSettings) -> list[str]:
+    lines = ["# Leaf-node links: mutual TLS with the server certificate only.", "leafnodes {"]
+    if leaf.listen_port is not None:
+        lines += [
+            f"  listen: {_q(_hostport(s.host, leaf.listen_port))}",
+            f"  authorization {{ users: [{{ user: {_q(server_dn(s.pki_dir))} }}] }}",
+            *_tls_block(s, "  ", verify_line="verify_and_map: true"),
+        ]
+    if leaf.remotes:
+        # Dialling out, the server presents its certificate and checks the hub's.
+        tls = "\n".join(line for line in _tls_block(s, "      ", verify_line="") if line.strip())
+        # One remote with every hub URL: the edge holds one link and fails over.
+        urls = ", ".join(_q(f"tls://{r}") for r in leaf.remotes)
+        remotes = f"    {{\n      urls: [{urls}]\n{tls}\n    }}"
+        lines += ["  remotes: [", remotes, "  ]"]
+    lines.append("}")
+    return lines
 
 
 def render_users(identities: Iterable[Identity]) -> str:

@@ -31,6 +31,7 @@ from fabric.connect import ENV_CA, ENV_CERT, ENV_KEY, ENV_URL
 from fabric.nats_config import (
     AUTH_FILE,
     ClusterSettings,
+    LeafSettings,
     ServerSettings,
     cluster_routes,
     render_authorization,
@@ -84,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument(
         "--cluster-port", default=str(DEFAULT_CLUSTER_PORT), metavar="N", help="route port"
     )
+    _leaf_arguments(run)
     run.set_defaults(handler=_run)
 
     config = verbs.add_parser("config", help="print a production nats-server config")
@@ -103,7 +105,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     config.add_argument(
         "--auth-only", action="store_true", help=f"print only {AUTH_FILE} (after issue/revoke)"
     )
+    _leaf_arguments(config)
     config.set_defaults(handler=_config)
+
+
+def _leaf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--leaf-port", metavar="N", help="hub side: accept leaf-node links (edge servers) here"
+    )
+    parser.add_argument(
+        "--leaf-of",
+        metavar="H:P,...",
+        help="edge side: be a leaf of these hub servers' leaf ports (keeps running without them)",
+    )
+    parser.add_argument(
+        "--domain", metavar="NAME", help="edge side: this site's own JetStream domain"
+    )
+
+
+def _leaf(args: argparse.Namespace) -> LeafSettings | None:
+    remotes = tuple(r.strip() for r in (args.leaf_of or "").split(",") if r.strip())
+    for remote in remotes:
+        host, sep, port = remote.rpartition(":")
+        if not sep or not host:
+            raise UsageError(f"--leaf-of takes HOST:PORT, not {remote!r}")
+        _port(port, "--leaf-of port")
+    listen = None if args.leaf_port is None else _port(args.leaf_port, "--leaf-port")
+    domain = (args.domain or "").strip() or None
+    if domain is not None and not domain.replace("-", "").replace("_", "").isalnum():
+        raise UsageError(f"bad --domain {args.domain!r}: letters, digits, '-' and '_' only")
+    if domain is not None and not remotes:
+        raise UsageError("--domain is for an edge server: give --leaf-of too")
+    if listen is None and not remotes:
+        return None
+    return LeafSettings(listen_port=listen, remotes=remotes, domain=domain)
 
 
 def _port(text: str | None, flag: str, *, allow_zero: bool = False) -> int:
@@ -262,6 +297,7 @@ def _run(args: argparse.Namespace) -> int:
         host=args.host,
         port=_port(args.port, "--port"),
         cluster=cluster,
+        leaf=_leaf(args),
     )
     with _errors():
         return asyncio.run(_serve_forever(NatsServer(settings, state_dir / "nats"), pki_dir))
@@ -310,6 +346,7 @@ def _config(args: argparse.Namespace) -> int:
             host="0.0.0.0",
             port=port,
             monitor_port=monitor,
+            leaf=_leaf(args),
         )
         with _errors():
             out.append(render_server_config(settings))
@@ -357,6 +394,7 @@ def _cluster_configs(
             port=port,
             monitor_port=monitor,
             cluster=ClusterSettings(name=name, port=cluster_port, routes=routes, host="0.0.0.0"),
+            leaf=_leaf(args),
         )
         out.append(f"# ==== server {i} of {len(hosts)}: {host} (nats-{i}.conf) ====")
         with _errors():
