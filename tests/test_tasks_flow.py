@@ -120,7 +120,9 @@ async def test_failing_handler_is_retried_then_dead_lettered(rig: TaskRig) -> No
 
 
 async def test_no_capable_agent_waits_then_runs_when_one_appears(rig: TaskRig) -> None:
-    await rig.dispatcher()
+    # A long ack wait: the redelivery delays must be the nak delays alone (a
+    # consumer BackOff list would stretch them by tens of seconds).
+    await rig.dispatcher(fast_settings(ack_wait=20))
     await rig.worker("other", "resize")
     tasks = await rig.tasks()
 
@@ -187,7 +189,7 @@ async def test_junk_on_the_queue_is_termed_not_retried(rig: TaskRig) -> None:
 
 
 async def test_a_task_past_max_deliver_is_dead_lettered_not_left_behind(rig: TaskRig) -> None:
-    queue = QueueSettings(ack_wait=0.5, max_deliver=3, backoff_steps=2)
+    queue = QueueSettings(ack_wait=0.5, max_deliver=3)
     await rig.dispatcher(fast_settings(queue=queue))
     tasks = await rig.tasks()
 

@@ -156,7 +156,7 @@ class DispatchSettings:
     no_agent_delay: float = 1.0
     """Redelivery delay when no running agent serves the type; grows with each
     delivery up to no_agent_max."""
-    no_agent_max: float = 10.0
+    no_agent_max: float = 5.0
     busy_hold: float = 2.0
     """How long a task waits here for a free slot before going back to the queue."""
     retry_base: float = 1.0

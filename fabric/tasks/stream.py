@@ -10,7 +10,9 @@ name                subjects               what
 ``TASKS_DEAD``      ``tasks.*.dead``       limits retention: tasks that spent their
                                            attempts, with their last error
 ``dispatch``        (on ``TASKS``)         the one durable pull consumer every
-                                           controller fetches from
+                                           controller fetches from: explicit ack,
+                                           ack wait, max deliver; retry backoff
+                                           is the dispatcher's nak delays
 ``fabric_tasks``    KV                     one record per task id
 ==================  =====================  =======================================
 
@@ -90,17 +92,11 @@ class QueueSettings:
     max_deliver: int = 1000
     """Deliveries before JetStream stops redelivering; far above any max_attempts
     because waiting for a capable agent also redelivers."""
-    backoff_steps: int = 4
-    """Redelivery after an ack timeout waits ack_wait, then 2x, 4x... (steps)."""
     max_ack_pending: int = 20_000
     max_queue_bytes: int = 8 << 30
     dead_max_age: float = 30 * 24 * 3600.0
     records_max_age: float = 7 * 24 * 3600.0
     """Task records expire after this long (KV bucket max age)."""
-
-    def backoff(self) -> list[float]:
-        # JetStream takes backoff[0] as the ack wait, so it starts at ack_wait.
-        return [self.ack_wait * 2**i for i in range(self.backoff_steps)]
 
 
 async def _stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -175,7 +171,11 @@ async def ensure_task_state(nc: Client, js: JetStreamContext, settings: QueueSet
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=settings.ack_wait,
             max_deliver=settings.max_deliver,
-            backoff=settings.backoff(),
+            # No consumer BackOff list: retry delays are the dispatcher's nak
+            # delays. With BackOff set, nats-server 2.15 stretches a nak delay
+            # on delivery n by BackOff[n-1] - AckWait (a 2 s nak on the 2nd
+            # delivery of a [30, 60] list came back after 32 s), so the two
+            # cannot be combined.
             max_ack_pending=settings.max_ack_pending,
             filter_subject=QUEUE_SUBJECTS,
         ),
