@@ -3,12 +3,14 @@ state machine and the checks a task passes before it is sent."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 
+from fabric.tasks.agents import Candidate, choose_agent, controller_agents, retry_delay
 from fabric.tasks.client import make_task, new_task_id
-from fabric.tasks.dispatch import Candidate, choose_agent, retry_delay
 from fabric.tasks.records import (
     TaskState,
     after_failure,
@@ -20,9 +22,12 @@ from fabric.tasks.records import (
     waiting,
     went_dead,
 )
+from schemas.agent import AgentSpec, AgentState, AgentStatus, HealthVerdict
+from schemas.api import Deployment, DeploymentRecord, ReplicaPlacement
 from schemas.common import utc_now
 from schemas.errors import ContractError, ErrorCode
 from schemas.ids import is_valid_id
+from schemas.node import AgentSummary
 from schemas.task import MAX_TASK_PAYLOAD_BYTES, TaskOutcome, TaskResult
 
 
@@ -144,3 +149,46 @@ def test_bad_tasks_are_refused_with_their_code(kwargs: dict[str, object], code: 
 def test_a_task_just_under_the_limit_is_accepted() -> None:
     task, data = make_task("echo", "x" * (MAX_TASK_PAYLOAD_BYTES - 400))
     assert len(data) <= MAX_TASK_PAYLOAD_BYTES and task.type == "echo"
+
+
+async def test_controller_view_keeps_running_agents_that_declare_capabilities() -> None:
+    now = asyncio.get_running_loop().time()
+
+    def record(name: str, caps: list[str], placed: dict[str, str]) -> DeploymentRecord:
+        spec = AgentSpec(name=name, argv=["true"], capabilities=caps)
+        replicas = [ReplicaPlacement(agent_id=a, node_id=n) for a, n in placed.items()]
+        return DeploymentRecord(deployment=Deployment(spec=spec), replicas=replicas)
+
+    def status(agent_id: str, node_id: str, state: str, health: str = "unknown") -> AgentStatus:
+        return AgentStatus(
+            agent_id=agent_id, node_id=node_id, state=AgentState(state), since=utc_now(),
+            health=HealthVerdict(health),
+        )  # fmt: skip
+
+    deployments = {
+        "w": record("w", ["echo"], {"w-0": "n1", "w-1": "n1", "w-2": "n2", "w-3": "n1"}),
+        "plain": record("plain", [], {"plain": "n1"}),
+    }
+    controller = SimpleNamespace(
+        deployments=SimpleNamespace(items={k: (v, 1) for k, v in deployments.items()}),
+        config=SimpleNamespace(node_timeout=1.5),
+        live={
+            "n1": SimpleNamespace(
+                last_seen=now,
+                agents={"w-0": AgentSummary("w-0", AgentState.RUNNING)},
+            ),
+            "n2": SimpleNamespace(last_seen=now - 10, agents={}),  # heartbeat too old
+        },
+        statuses={
+            "w-1": {"n1": status("w-1", "n1", "exited")},
+            "w-3": {"n1": status("w-3", "n1", "running", "unhealthy")},
+            "plain": {"n1": status("plain", "n1", "running")},
+        },
+    )
+
+    view = controller_agents(controller)
+
+    assert sorted(view) == ["w-0", "w-3"]
+    assert view["w-0"] == Candidate("w-0", "n1", frozenset({"echo"}), True)
+    assert not view["w-3"].healthy, "kept (its running task is not lost) but never chosen"
+    assert choose_agent("echo", view, {}) == "w-0"
