@@ -26,6 +26,7 @@ node (per identity: ``<own>`` is the node_id)
     and discover replies), ``$SRV.>``. No JetStream at all.
 operator
     publish ``agents.*.commands``, ``nodes.*.commands``, ``tasks.*.queue``,
+    ``tasks.*.direct`` (the at-most-once task path),
     ``fabric.discover``, ``fabric.api.>``, ``$SRV.>``, ``$JS.API.>``,
     ``$JS.FC.EVENTS.>``; subscribe like viewer.
 viewer
@@ -34,8 +35,12 @@ viewer
     ``agents.*.status``, ``agents.*.logs``, ``nodes.*.heartbeat``,
     ``events.>``, ``_INBOX.>``.
 worker
-    publish ``events.task.>``; replies (task results, ``$SRV`` answers);
-    subscribe ``agents.*.tasks``, ``_INBOX.>``, ``$SRV.>``.
+    publish ``events.task.>``; replies (task results, ``$SRV`` answers), each
+    allowed for 24 h after its assignment since a task may run that long
+    (nats-server's default window is 2 min; a config reload resets the
+    tracking, so a reply pending across a reload is lost and the task is
+    retried); subscribe ``agents.*.tasks``, ``tasks.*.direct``, ``_INBOX.>``,
+    ``$SRV.>``.
 
 Notes:
 
@@ -125,6 +130,8 @@ class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     allow_responses: bool = False
+    response_expires: str | None = None
+    """How long a reply stays allowed after the request (nats-server's default: 2 min)."""
 
     def may_publish(self, subject: str) -> bool:
         """True when some publish pattern covers ``subject`` (replies aside)."""
@@ -146,7 +153,9 @@ class Permissions:
             "subscribe": {"allow": list(self.subscribe)},
         }
         if self.allow_responses:
-            out["allow_responses"] = True
+            out["allow_responses"] = (
+                {"max": 1, "expires": self.response_expires} if self.response_expires else True
+            )
         return out
 
 
@@ -157,6 +166,7 @@ class RoleRow:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     allow_responses: bool = False
+    response_expires: str | None = None
     per_identity: bool = field(default=False)
 
     def bind(self, name: str) -> Permissions:
@@ -167,6 +177,7 @@ class RoleRow:
             publish=fill(self.publish),
             subscribe=fill(self.subscribe),
             allow_responses=self.allow_responses,
+            response_expires=self.response_expires,
         )
 
 
@@ -200,6 +211,7 @@ ROLE_PERMISSIONS: dict[str, RoleRow] = {
             "agents.*.commands",
             "nodes.*.commands",
             "tasks.*.queue",
+            "tasks.*.direct",
             "fabric.discover",
             "fabric.api.>",
             "$SRV.>",
@@ -214,8 +226,10 @@ ROLE_PERMISSIONS: dict[str, RoleRow] = {
     ),
     "worker": RoleRow(
         publish=("events.task.>",),
-        subscribe=("agents.*.tasks", "_INBOX.>", "$SRV.>"),
+        subscribe=("agents.*.tasks", "tasks.*.direct", "_INBOX.>", "$SRV.>"),
         allow_responses=True,
+        # A task may run for hours; its result is the reply to the assignment.
+        response_expires="24h",
     ),
 }
 
