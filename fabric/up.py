@@ -98,6 +98,8 @@ class UpConfig:
     heartbeat_interval: float = 1.0
     node_timeout: float = 5.0
     metrics_interval: float = 2.0
+    metrics_port: int | None = None
+    """Where the controller serves Prometheus metrics on loopback (None: not at all)."""
 
     @property
     def pki_dir(self) -> Path:
@@ -417,6 +419,8 @@ class LocalFabric:
             "--node-timeout",
             str(cfg.node_timeout),
         ]
+        if cfg.metrics_port is not None:
+            argv += ["--metrics-port", str(cfg.metrics_port), "--metrics-host", "127.0.0.1"]
         return Child(CONTROLLER, argv, cfg.log_dir / f"{CONTROLLER}.log")
 
     def _node_child(self, node_id: str) -> Child:

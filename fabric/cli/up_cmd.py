@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="P",
         help="NATS client port (default 4222; if busy, an error: pass 0 for any free port)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        metavar="P",
+        help="serve the controller's Prometheus metrics on 127.0.0.1:P (default: off)",
+    )
     parser.set_defaults(handler=_up)
 
 
@@ -63,6 +68,11 @@ def _up(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir).expanduser().resolve(),
         nodes=_int(args.nodes, "--nodes", 1, MAX_NODES),
         port=_int(args.port, "--port", 0, 65535),
+        metrics_port=(
+            None
+            if args.metrics_port is None
+            else _int(args.metrics_port, "--metrics-port", 1, 65535)
+        ),
     )
     return asyncio.run(_main(config))
 
@@ -114,6 +124,11 @@ def _what_now(fabric: LocalFabric) -> None:
         f"  fabric logs{flag} -f web",
         "",
         f"Settings for other tools: . {fabric.env_path}",
+        *(
+            [f"Prometheus metrics: http://127.0.0.1:{fabric.config.metrics_port}/metrics"]
+            if fabric.config.metrics_port is not None
+            else []
+        ),
         "Ctrl-C stops the fabric.",
     ]
     print("\n".join(lines), flush=True)
