@@ -21,14 +21,24 @@ child on a full pipe. The price is that rotation happens from outside:
 
 ``follow`` polls on the caller's interval, which is enough for ``fabric
 logs -f``; publishing lines on NATS can build on it.
+
+Lines carry no timestamps (the child writes them), so "lines since T" uses
+size marks: every metrics tick notes each file's size with the time, and
+``tail(since=T)`` starts at the size noted at the last mark before T. The
+answer can include up to one tick's worth of older lines, never miss a newer
+one (marks are dropped when the file is rotated, and then the whole file
+counts as new).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import shutil
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
@@ -40,6 +50,7 @@ __all__ = ["STREAMS", "LogFiles", "Stream"]
 Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 _BLOCK = 64 * 1024
+_MARKS = 2048  # per file: at a 5 s tick, about 3 hours of history
 
 
 class LogFiles:
@@ -48,6 +59,23 @@ class LogFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._root = os.fspath(root)
+        self._marks: dict[tuple[str, Stream], deque[tuple[float, int]]] = {}
+
+    def mark(self, agent_id: str, stream: Stream, when: float, size: int) -> None:
+        """Note that the file held ``size`` bytes at unix time ``when``."""
+        marks = self._marks.get((agent_id, stream))
+        if marks is None:
+            marks = self._marks[(agent_id, stream)] = deque(maxlen=_MARKS)
+        if marks and size < marks[-1][1]:
+            marks.clear()  # truncated or replaced: older offsets mean nothing now
+        marks.append((when, size))
+
+    def _offset_since(self, agent_id: str, stream: Stream, since: float) -> int:
+        marks = self._marks.get((agent_id, stream))
+        if not marks:
+            return 0
+        index = bisect.bisect_right([t for t, _ in marks], since) - 1
+        return marks[index][1] if index >= 0 else 0
 
     def path(self, agent_id: str, stream: Stream, backup: int = 0) -> Path:
         name = f"{stream}.log" if backup == 0 else f"{stream}.log.{backup}"
@@ -76,15 +104,18 @@ class LogFiles:
         for stream in STREAMS:
             # Runs for every agent on every tick: a plain string path is cheapest.
             try:
-                if os.stat(f"{self._root}/{agent_id}/{stream}.log").st_size <= spec.max_bytes:
-                    continue
+                size = os.stat(f"{self._root}/{agent_id}/{stream}.log").st_size
             except FileNotFoundError:
+                continue
+            self.mark(agent_id, stream, time.time(), size)
+            if size <= spec.max_bytes:
                 continue
             path = self.path(agent_id, stream)
             self._shift(agent_id, stream, spec.backups)
             if spec.backups > 0:
                 _copy_live(path, self.path(agent_id, stream, 1))
             os.truncate(path, 0)
+            self._marks.pop((agent_id, stream), None)
             rotated.append(stream)
         return rotated
 
@@ -98,17 +129,22 @@ class LogFiles:
             with contextlib.suppress(FileNotFoundError):
                 self.path(agent_id, stream, n).rename(self.path(agent_id, stream, n + 1))
 
-    def tail(self, agent_id: str, stream: Stream, n: int) -> list[str]:
-        """The last ``n`` lines of the current file (not the backups)."""
+    def tail(self, agent_id: str, stream: Stream, n: int, since: float | None = None) -> list[str]:
+        """The last ``n`` lines of the current file (not the backups); with
+        ``since`` (unix time), only lines written after about then."""
         if n <= 0:
             return []
+        start = 0 if since is None else self._offset_since(agent_id, stream, since)
         try:
             with open(self.path(agent_id, stream), "rb") as f:
-                pos = f.seek(0, os.SEEK_END)
+                end = f.seek(0, os.SEEK_END)
+                if start > end:
+                    start = 0  # rotated since the mark
+                pos = end
                 data = b""
                 # One more newline than lines wanted: the first line read may be partial.
-                while pos > 0 and data.count(b"\n") <= n:
-                    step = min(_BLOCK, pos)
+                while pos > start and data.count(b"\n") <= n:
+                    step = min(_BLOCK, pos - start)
                     pos -= step
                     f.seek(pos)
                     data = f.read(step) + data
@@ -142,6 +178,8 @@ class LogFiles:
             await asyncio.sleep(interval)
 
     def remove(self, agent_id: str) -> None:
+        for stream in STREAMS:
+            self._marks.pop((agent_id, stream), None)
         shutil.rmtree(self.root / agent_id, ignore_errors=True)
 
 

@@ -327,9 +327,11 @@ class Supervisor:
     def spec(self, agent_id: str) -> AgentSpec:
         return self._get(agent_id).spec
 
-    def tail_logs(self, agent_id: str, stream: Stream, lines: int) -> list[str]:
+    def tail_logs(
+        self, agent_id: str, stream: Stream, lines: int, since: float | None = None
+    ) -> list[str]:
         self._get(agent_id)
-        return self._logs.tail(agent_id, stream, lines)
+        return self._logs.tail(agent_id, stream, lines, since)
 
     def follow_logs(
         self, agent_id: str, stream: Stream, interval: float = 0.5

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.agent import AgentSpec, AgentStatus, SignalName
-from schemas.common import Seconds, Text
+from schemas.common import Seconds, Text, Timestamp
 from schemas.ids import AgentId, NodeId
 
 __all__ = [
@@ -87,6 +87,8 @@ class TailLogs(_Command, tag="logs"):
     stream: Literal["stdout", "stderr"] = "stdout"
     lines: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     follow: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    since: Timestamp | None = None
+    """Only lines written after about this time (to within one metrics tick)."""
 
 
 AgentCommand = (

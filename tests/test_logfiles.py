@@ -106,3 +106,22 @@ async def test_supervised_agent_logs_rotate_on_tick(tmp_path: Path) -> None:
         assert (tmp_path / "logs" / "spam" / "stdout.log.1").stat().st_size == 200 * 100
         assert sup.tail_logs("spam", "stderr", 1) == ["done"]
         assert sup.status("spam").state is AgentState.RUNNING
+
+
+def test_tail_since_starts_at_the_last_mark_before_then(tmp_path: Path) -> None:
+    logs = LogFiles(tmp_path)
+    path = logs.path("a", "stdout")
+    path.parent.mkdir(parents=True)
+    path.write_text("old 1\nold 2\n")
+    logs.mark("a", "stdout", 100.0, path.stat().st_size)
+    with path.open("a") as f:
+        f.write("new 1\nnew 2\n")
+    logs.mark("a", "stdout", 105.0, path.stat().st_size)
+    assert logs.tail("a", "stdout", 10, since=102.0) == ["new 1", "new 2"]
+    assert logs.tail("a", "stdout", 1, since=102.0) == ["new 2"]
+    assert logs.tail("a", "stdout", 10, since=50.0) == ["old 1", "old 2", "new 1", "new 2"]
+    assert logs.tail("a", "stdout", 10, since=200.0) == []
+    # A truncation (rotation) drops the marks: the whole new file counts.
+    path.write_text("fresh\n")
+    logs.mark("a", "stdout", 110.0, path.stat().st_size)
+    assert logs.tail("a", "stdout", 10, since=102.0) == ["fresh"]

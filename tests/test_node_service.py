@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -429,3 +430,40 @@ async def test_followed_logs_are_published_in_batches(
     assert numbers == sorted(numbers)
     assert [b.seq for b in batches.items] == list(range(len(batches.items)))
     assert all(b.agent_id == "talker" and b.node_id == "n1" for b in batches.items)
+
+
+async def test_logs_since_a_time_skip_older_lines(
+    node: NodeAgent, connect_as: Any, issuer: TokenIssuer
+) -> None:
+    op = await connect_as("op-1")
+    counter = [
+        sys.executable,
+        "-c",
+        "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.02)\n",
+    ]
+    spec = AgentSpec(name="counter", argv=counter, start_seconds=0)
+    await command(
+        op, subjects.node_commands("n1"), PlaceAgent(spec=spec, token=token(issuer, "agents:run"))
+    )
+    subject = subjects.agent_commands("counter")
+
+    async def numbers(since: datetime | None = None) -> list[int]:
+        tail = TailLogs(token=token(issuer, "read"), lines=10_000, since=since)
+        result = await command(op, subject, tail)
+        return [int(line) for line in result.logs.lines]
+
+    async with asyncio.timeout(20):
+        while len(await numbers()) < 100:  # noqa: ASYNC110 - 2 s of output, several ticks
+            await asyncio.sleep(0.1)  # wait-ok: polling the agent's output under a deadline
+    cut = datetime.now(UTC)
+    at_cut = (await numbers())[-1]
+    async with asyncio.timeout(20):
+        while (await numbers())[-1] < at_cut + 75:  # noqa: ASYNC110 - past the next ticks
+            await asyncio.sleep(0.1)  # wait-ok: as above
+    recent = await numbers(since=cut)
+    assert recent, "lines written after the cut are returned"
+    assert recent == list(range(recent[0], recent[0] + len(recent))), "a contiguous run"
+    assert recent[-1] >= at_cut + 75
+    # At most one metrics tick (0.5 s, about 25 lines here) of older output comes along.
+    assert recent[0] > at_cut - 40
+    assert recent[0] > 0

@@ -20,11 +20,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import IO, Literal
 
 from nats.aio.msg import Msg
 
 from fabric.cli import CommandFailed, UsageError
+from fabric.cli.events_cmd import parse_since
 from fabric.client import (
     FabricClient,
     FabricError,
@@ -63,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     logs.add_argument(
         "--stream", choices=("all", *_STREAMS), default="all", help="which output (all)"
     )
+    logs.add_argument(
+        "--since",
+        metavar="DUR",
+        help="only lines written since then: 90s, 5m, 2h, or an RFC 3339 time"
+        " (to within one metrics tick of the node)",
+    )
     add_client_options(logs)
     logs.set_defaults(handler=_logs)
 
@@ -94,7 +102,10 @@ def _logs(args: argparse.Namespace) -> int:
     if not 1 <= count <= _MAX_LINES:
         raise UsageError(f"-n must be from 1 to {_MAX_LINES}, not {count}")
     streams = _STREAMS if args.stream == "all" else (args.stream,)
-    return run_cli(args, lambda client: _logs_async(client, args.name, count, streams, args.follow))
+    since = None if args.since is None else parse_since(args.since)
+    return run_cli(
+        args, lambda client: _logs_async(client, args.name, count, streams, args.follow, since)
+    )
 
 
 async def _tail(client: FabricClient, agent_id: str, stream: Stream, count: int) -> list[str]:
@@ -115,21 +126,26 @@ def _emit(stream: Stream, prefix: str, lines: Sequence[str]) -> None:
 
 
 async def _logs_async(
-    client: FabricClient, name: str, count: int, streams: Sequence[Stream], follow: bool
+    client: FabricClient,
+    name: str,
+    count: int,
+    streams: Sequence[Stream],
+    follow: bool,
+    since: datetime | None = None,
 ) -> int:
     target = await resolve(client, name)
     if not target.agent_ids:
         raise CommandFailed(f"{name} has no replicas")
     if follow:
         try:
-            await _follow_published(client, target, count, streams)
+            await _follow_published(client, target, count, streams, since)
         except FabricError as exc:
             if exc.code is not ErrorCode.INVALID_PAYLOAD:
                 raise
             # A node from before `follow` refuses the field: poll it instead.
         else:
             return 0
-    seen = await _print_tails(client, target, count, streams, window=follow)
+    seen = await _print_tails(client, target, count, streams, window=follow, since=since)
     if follow:
         await _follow_polling(client, target, count, streams, seen)
     return 0
@@ -152,7 +168,13 @@ async def _tail_or_not_found(
 
 
 async def _print_tails(
-    client: FabricClient, target: Target, count: int, streams: Sequence[Stream], *, window: bool
+    client: FabricClient,
+    target: Target,
+    count: int,
+    streams: Sequence[Stream],
+    *,
+    window: bool,
+    since: datetime | None = None,
 ) -> dict[tuple[str, Stream], list[str]]:
     seen: dict[tuple[str, Stream], list[str]] = {}
     for agent_id in target.agent_ids:
@@ -161,7 +183,7 @@ async def _print_tails(
             # from a whole window of which the last `count` lines show.
             size = max(count, _FOLLOW_WINDOW) if window else count
             lines = await _tail_or_not_found(
-                client, target, agent_id, TailLogs(stream=stream, lines=size)
+                client, target, agent_id, TailLogs(stream=stream, lines=size, since=since)
             )
             _emit(stream, _prefix(target, agent_id), lines[-count:])
             seen[(agent_id, stream)] = lines
@@ -169,7 +191,11 @@ async def _print_tails(
 
 
 async def _follow_published(
-    client: FabricClient, target: Target, count: int, streams: Sequence[Stream]
+    client: FabricClient,
+    target: Target,
+    count: int,
+    streams: Sequence[Stream],
+    since: datetime | None = None,
 ) -> None:
     """Tail, then print the batches the node publishes; renew until interrupted."""
     batches: asyncio.Queue[LogBatch] = asyncio.Queue()
@@ -192,7 +218,7 @@ async def _follow_published(
             for i, stream in enumerate(streams):
                 # One request starts the follow (of both streams) per agent.
                 follow = _FOLLOW_SECONDS if i == 0 else None
-                command = TailLogs(stream=stream, lines=count, follow=follow)
+                command = TailLogs(stream=stream, lines=count, follow=follow, since=since)
                 lines = await _tail_or_not_found(client, target, agent_id, command)
                 _emit(stream, _prefix(target, agent_id), lines)
         await _print_batches(client, target, streams, batches)
