@@ -13,7 +13,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
+from fabric.audit import Refusal
 from fabric.tokens import Claims, TokenVerifier
+from schemas import subjects
 from schemas.agent import AgentSpec, AgentStatus, SignalName
 from schemas.codec import decode_agent_command, decode_node_command, encode
 from schemas.command import (
@@ -85,7 +87,9 @@ class CommandHandler:
 
     ``on_drain`` and ``on_shutdown`` are the node-level actions the service
     owns (they outlive a single reply); ``on_accepted`` hears who asked for
-    what, so the service can write it into the events it publishes.
+    what, so the service can write it into the events it publishes;
+    ``on_refused`` hears every refusal (code, subject, op, who claims to ask,
+    target) so the service can audit it.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class CommandHandler:
         on_shutdown: Callable[[Literal["drain", "detach"]], Awaitable[None]],
         on_accepted: Callable[[str, str | None, Claims], None] | None = None,
         on_follow_logs: Callable[[str, float], None] | None = None,
+        on_refused: Callable[[Refusal], None] | None = None,
         max_bytes: int = 256 * 1024,
     ) -> None:
         self._node_id = validate_id(node_id, "node id")
@@ -107,13 +112,32 @@ class CommandHandler:
         self._on_shutdown = on_shutdown
         self._on_accepted = on_accepted
         self._on_follow_logs = on_follow_logs
+        self._on_refused = on_refused
         self._max_bytes = max_bytes
         self.draining = False
         self.refused: Counter[ErrorCode] = Counter()
         self.accepted: Counter[str] = Counter()
 
-    def _refuse(self, exc: ContractError) -> bytes:
+    def _refuse(
+        self,
+        exc: ContractError,
+        *,
+        subject: str,
+        data: bytes,
+        target: str | None,
+        claims: Claims | None,
+    ) -> bytes:
         self.refused[exc.code] += 1
+        if self._on_refused is not None:
+            self._on_refused(
+                Refusal.of(
+                    exc.code,
+                    subject,
+                    data,
+                    target=target,
+                    verified_by=claims.sub if claims is not None else None,
+                )
+            )
         return encode(ErrorReply(code=exc.code, message=exc.message))
 
     def _authorise(self, command: AgentCommand | NodeCommand, agent_id: str | None) -> Claims:
@@ -129,14 +153,16 @@ class CommandHandler:
 
     async def agent_command(self, agent_id: str, data: bytes) -> bytes:
         """Handle a message from ``agents.<agent_id>.commands``."""
+        claims: Claims | None = None
         try:
             validate_id(agent_id, "agent id")
             command = decode_agent_command(data, max_bytes=self._max_bytes)
             self._sup.status(agent_id)  # NOT_FOUND before the token is spent
-            self._authorise(command, agent_id)
+            claims = self._authorise(command, agent_id)
             return encode(await self._run_agent_command(agent_id, command))
         except ContractError as exc:
-            return self._refuse(exc)
+            subject = f"agents.{agent_id}.commands"
+            return self._refuse(exc, subject=subject, data=data, target=agent_id, claims=claims)
 
     async def _run_agent_command(self, agent_id: str, command: AgentCommand) -> CommandResult:
         op = command.__struct_config__.tag
@@ -178,18 +204,20 @@ class CommandHandler:
 
     async def node_command(self, data: bytes) -> bytes:
         """Handle a message from ``nodes.<node_id>.commands``."""
+        claims: Claims | None = None
+        target = None
         try:
             command = decode_node_command(data, max_bytes=self._max_bytes)
-            target = None
             if isinstance(command, PlaceAgent):
                 target = command.spec.name
             elif isinstance(command, RemoveAgent):
                 target = command.agent_id
                 self._sup.status(target)
-            self._authorise(command, target)
+            claims = self._authorise(command, target)
             return encode(await self._run_node_command(command))
         except ContractError as exc:
-            return self._refuse(exc)
+            subject = subjects.node_commands(self._node_id)
+            return self._refuse(exc, subject=subject, data=data, target=target, claims=claims)
 
     async def _run_node_command(self, command: NodeCommand) -> CommandResult:
         op = command.__struct_config__.tag

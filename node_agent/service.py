@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from fabric import __version__
+from fabric.audit import Refusal, RefusalAudit
 from fabric.connect import ConnectError, connect
 from fabric.tokens import Claims, TokenVerifier
 from node_agent.commands import CommandHandler
@@ -125,6 +126,10 @@ class NodeAgent:
         """Set once the node is connected and subscribed (or running standalone)."""
         self._supervisor: Supervisor | None = None
         self._handler: CommandHandler | None = None
+        # Refused commands go to events.node.refused, at most 10/s.
+        self.audit = RefusalAudit(
+            lambda data, actor: self._node_event("node.refused", data, actor=actor)
+        )
 
     # --- lifecycle -------------------------------------------------------
 
@@ -153,6 +158,7 @@ class NodeAgent:
                 on_shutdown=self._on_shutdown_command,
                 on_accepted=self._on_accepted,
                 on_follow_logs=self.follow_logs,
+                on_refused=self._on_refused,
                 max_bytes=cfg.max_command_bytes,
             )
             for status in sup.statuses():
@@ -258,9 +264,16 @@ class NodeAgent:
         if agent_id is not None:
             self._actors[agent_id] = claims.sub
 
-    def _node_event(self, kind: str, data: dict[str, Any]) -> None:
+    def _on_refused(self, refusal: Refusal) -> None:
+        self.audit(refusal)
+
+    def _node_event(self, kind: str, data: dict[str, Any], actor: str | None = None) -> None:
         event = make_event(
-            kind, source=f"/nodes/{self.config.node_id}", subject=self.config.node_id, data=data
+            kind,
+            source=f"/nodes/{self.config.node_id}",
+            subject=self.config.node_id,
+            data=data,
+            actor=actor,
         )
         self._outbox.put(subjects.event(kind), encode(event))
 
@@ -351,6 +364,7 @@ class NodeAgent:
             "accepted": dict(handler.accepted) if handler else {},
             "agents": len(self._require_supervisor().statuses()),
             "outbox_dropped": self._outbox.dropped,
+            "audit_suppressed": self.audit.suppressed,
         }
 
     async def _subscribe_agent(self, agent_id: str) -> None:

@@ -49,6 +49,7 @@ from nats.aio.msg import Msg
 from nats.micro.request import Request
 
 from fabric import __version__
+from fabric.audit import Refusal, RefusalAudit
 from fabric.connect import js_publish
 from fabric.controller.lease import Lease, NotLeader
 from fabric.controller.liveness import LivenessConfig, NodeFlags, node_state
@@ -218,6 +219,10 @@ class Controller:
         self.refused: Counter[str] = Counter()
         self.api_calls: Counter[str] = Counter()  # by method, for fabric.prometheus
         self.published: Counter[str] = Counter()  # events by kind, for fabric.prometheus
+        # Refused requests go to events.controller.refused, at most 10/s.
+        self.audit = RefusalAudit(
+            lambda data, actor: self._publish("controller.refused", config.name, data, actor)
+        )
         self.started = asyncio.Event()
         self._retries = _Retries(hold=2 * config.node_timeout)
         self._led_since: float | None = None
@@ -289,7 +294,10 @@ class Controller:
             version=__version__,
             description="agent-fabric controller",
             metadata={"controller": self.config.name},
-            stats_handler=lambda _e: {"refused": dict(self.refused)},
+            stats_handler=lambda _e: {
+                "refused": dict(self.refused),
+                "audit_suppressed": self.audit.suppressed,
+            },
         )
         endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
             ("register", subjects.ALL_REGISTRATIONS, self._on_register),
@@ -348,6 +356,7 @@ class Controller:
             reply: msgspec.Struct = await work()
         except ContractError as exc:
             self.refused[exc.code.value] += 1
+            self._audit(req, exc.code)
             reply = exc.to_reply()
         except (nats.js.errors.ServiceUnavailableError, TimeoutError) as exc:
             # JetStream is electing a leader or a server is going: nothing was
@@ -364,6 +373,20 @@ class Controller:
             reply = ErrorReply(code=ErrorCode.INTERNAL, message="internal error")
         with contextlib.suppress(ValueError, nats.errors.Error):
             await req.respond(encode(reply))
+
+    def _audit(self, req: Request, code: ErrorCode) -> None:
+        """Tell the event stream who was refused what (rate-limited by ``self.audit``)."""
+        subject = req.subject
+        tokens = subject.split(".")
+        target = None
+        if subject == subjects.DISCOVER:
+            op = "discover"
+        elif subject.startswith(f"{subjects.API_PREFIX}."):
+            op = tokens[-1]
+        else:  # nodes.<node_id>.register: the subject names the node
+            op = tokens[-1]
+            target = tokens[1] if len(tokens) == 3 else None
+        self.audit(Refusal.of(code, subject, req.data, op=op, target=target))
 
     async def _on_register(self, req: Request) -> None:
         await self._answer(req, lambda: self._register(req.subject, req.data))

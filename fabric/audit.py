@@ -1,0 +1,248 @@
+"""Audit of refusals: who tried what, written to the event stream, rate-limited.
+
+A node agent or controller that refuses a command or API call (a bad token,
+a malformed message) counts it and also tells the event stream, so an
+operator can see abuse where the rest of the fleet's history is:
+``events.node.refused`` from a node, ``events.controller.refused`` from a
+controller. The event's data says::
+
+    code        the ErrorCode of the refusal
+    op          the command's op, or the API method ("register", "discover" ...)
+    subject     the NATS subject the message came on
+    claimed_by  the token's "sub", read WITHOUT checking the signature
+    verified    whether claimed_by comes from a token that was verified
+    target      the agent or node the message was about, if it named one
+    suppressed  refusals not written since the previous event (rate limit)
+
+``claimed_by`` is a claim, not a fact, unless ``verified`` is true: a forged
+token names whoever its forger likes. Every string taken from the message is
+cut short, so an event stays small whatever was sent.
+
+Only refusals that say something about the caller are audited (token and
+malformed-message codes); ordinary answers such as ``not_found`` or
+``stale_epoch`` are counted by their services but not written here. A flood
+of junk cannot flood the stream: :class:`RefusalAudit` lets through at most
+``rate`` events per second (burst ``burst``) and counts the rest in
+``suppressed``; the next event written carries how many were dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from schemas.errors import ErrorCode
+
+__all__ = [
+    "AUDITED_CODES",
+    "Refusal",
+    "RefusalAudit",
+    "peek_message",
+    "unverified_subject",
+]
+
+AUDITED_CODES: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.TOKEN_MISSING,
+        ErrorCode.TOKEN_INVALID,
+        ErrorCode.TOKEN_EXPIRED,
+        ErrorCode.TOKEN_NOT_YET_VALID,
+        ErrorCode.TOKEN_WRONG_AUDIENCE,
+        ErrorCode.TOKEN_SCOPE,
+        ErrorCode.TOKEN_WRONG_TARGET,
+        ErrorCode.TOKEN_REPLAYED,
+        ErrorCode.INVALID_PAYLOAD,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.INVALID_ID,
+        ErrorCode.UNKNOWN_OP,
+    }
+)
+"""Refusals worth an event: the caller's token or message is wrong."""
+
+_MAX_TEXT = 128
+_MAX_TOKEN = 8192
+_MAX_PEEK = 1024 * 1024
+
+
+def _short(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return value if len(value) <= _MAX_TEXT else value[: _MAX_TEXT - 3] + "..."
+
+
+class _Claimed(msgspec.Struct):
+    sub: Any = None
+
+
+class _Named(msgspec.Struct):
+    name: Any = None
+
+
+class _Deployment(msgspec.Struct):
+    spec: _Named | None = None
+
+
+class _Peek(msgspec.Struct):
+    op: Any = None
+    token: Any = None
+    agent_id: Any = None
+    node_id: Any = None
+    name: Any = None
+    # Raw: the nested shapes are read only if the top level decodes at all.
+    spec: msgspec.Raw = msgspec.Raw(b"null")
+    deployment: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_claimed_decoder = msgspec.json.Decoder(_Claimed)
+_peek_decoder = msgspec.json.Decoder(_Peek)
+_named_decoder = msgspec.json.Decoder(_Named)
+_deployment_decoder = msgspec.json.Decoder(_Deployment)
+_PEEK_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeError, ValueError, TypeError)
+
+
+def unverified_subject(token: object) -> str | None:
+    """The ``sub`` claim of a compact JWS, read without checking anything; None if unreadable."""
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN or token.count(".") != 2:
+        return None
+    payload = token.split(".")[1]
+    try:
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        return _short(_claimed_decoder.decode(raw).sub)
+    except (*_PEEK_ERRORS, binascii.Error):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Peeked:
+    op: str | None = None
+    token: str | None = None
+    target: str | None = None
+
+
+def peek_message(data: bytes) -> _Peeked:
+    """Best-effort look at a refused message: its op, token and target, never raising."""
+    if not isinstance(data, bytes | bytearray | memoryview) or len(data) > _MAX_PEEK:
+        return _Peeked()
+    try:
+        peek = _peek_decoder.decode(data)
+    except _PEEK_ERRORS:
+        return _Peeked()
+    target: object = peek.agent_id or peek.node_id or peek.name
+    for raw, decoder in ((peek.spec, _named_decoder), (peek.deployment, _deployment_decoder)):
+        if target is None and bytes(raw) != b"null":
+            try:
+                inner = decoder.decode(raw)
+            except _PEEK_ERRORS:
+                continue
+            target = inner.name if isinstance(inner, _Named) else (inner.spec and inner.spec.name)
+    token = peek.token if isinstance(peek.token, str) else None
+    return _Peeked(op=_short(peek.op), token=token, target=_short(target))
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One refused message, as far as it could be read."""
+
+    code: ErrorCode
+    subject: str
+    op: str | None = None
+    claimed_by: str | None = None
+    verified: bool = False
+    target: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        code: ErrorCode,
+        subject: str,
+        data: bytes,
+        *,
+        op: str | None = None,
+        target: str | None = None,
+        verified_by: str | None = None,
+    ) -> Refusal:
+        """Describe a refusal of ``data`` received on ``subject``.
+
+        ``op`` and ``target`` default to what the message itself says;
+        ``verified_by`` is the subject of a token that did pass verification
+        (the refusal came after it), else the claim is read without trust.
+        """
+        peek = peek_message(data)
+        claimed = _short(verified_by) if verified_by else unverified_subject(peek.token)
+        return cls(
+            code=code,
+            subject=_short(subject) or "",
+            op=_short(op) or peek.op,
+            claimed_by=claimed,
+            verified=verified_by is not None,
+            target=_short(target) or peek.target,
+        )
+
+    def data(self, suppressed: int = 0) -> dict[str, object]:
+        return {
+            "code": self.code.value,
+            "op": self.op,
+            "subject": self.subject,
+            "claimed_by": self.claimed_by,
+            "verified": self.verified,
+            "target": self.target,
+            "suppressed": suppressed,
+        }
+
+    @property
+    def actor(self) -> str | None:
+        """The event's actor: only a verified token names one."""
+        return self.claimed_by if self.verified else None
+
+
+class RefusalAudit:
+    """Writes refusals through ``emit`` at most ``rate`` per second (token bucket).
+
+    ``emit(data, actor)`` publishes one event; it is called synchronously and
+    must not block. Refusals over the rate are counted in :attr:`suppressed`
+    and the count rides on the next event that goes out.
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[dict[str, object], str | None], None],
+        *,
+        rate: float = 10.0,
+        burst: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate > 0 and burst >= 1 needed")
+        self._emit = emit
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+        self._pending_suppressed = 0
+        self.emitted = 0
+        self.suppressed = 0
+
+    def __call__(self, refusal: Refusal) -> bool:
+        """Audit ``refusal``; True if an event was written, False if skipped or suppressed."""
+        if refusal.code not in AUDITED_CODES:
+            return False
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self.suppressed += 1
+            self._pending_suppressed += 1
+            return False
+        self._tokens -= 1
+        data = refusal.data(self._pending_suppressed)
+        self._pending_suppressed = 0
+        self.emitted += 1
+        self._emit(data, refusal.actor)
+        return True
