@@ -24,25 +24,16 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import ZERO_BACKOFF, pct
+
 from node_agent.supervisor import Supervisor, SupervisorConfig
 from schemas.agent import (
     AgentSpec,
     AgentState,
     AgentStatus,
-    Backoff,
-    RestartPolicy,
-    RestartPolicyKind,
 )
 
-ZERO_BACKOFF = RestartPolicy(
-    policy=RestartPolicyKind.ALWAYS, backoff=Backoff(initial=0, max=0, jitter=0), max_restarts=-1
-)
 IGNORE_TERM = ["sh", "-c", "trap '' TERM; exec sleep 1000"]
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 class Watch:
