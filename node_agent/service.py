@@ -379,7 +379,7 @@ class NodeAgent:
             self._subscribing.discard(agent_id)
 
     async def _reconcile_subscriptions(self) -> None:
-        hosted = {s.agent_id for s in self._require_supervisor().statuses()}
+        hosted = set(self._require_supervisor().agent_ids())
         for agent_id, streamer in self._log_streamers.items():
             if agent_id not in hosted:
                 streamer.until = 0.0
@@ -497,10 +497,7 @@ class NodeAgent:
             self._on_event("agent.stale_removed", agent_id, {"reason": "not placed here"})
 
     def _summaries(self) -> list[AgentSummary]:
-        return [
-            AgentSummary(s.agent_id, s.state, s.epoch, s.pid)
-            for s in self._require_supervisor().statuses()
-        ]
+        return self._require_supervisor().summaries()
 
     async def _publish_loop(self) -> None:
         await self._connected.wait()

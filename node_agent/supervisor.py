@@ -71,7 +71,7 @@ from schemas.agent import (
     SignalName,
 )
 from schemas.errors import ContractError, ErrorCode
-from schemas.node import NodeMetrics
+from schemas.node import AgentSummary, NodeMetrics
 
 __all__ = ["EventCallback", "StatusCallback", "Supervisor", "SupervisorConfig"]
 
@@ -323,6 +323,14 @@ class Supervisor:
 
     def statuses(self) -> list[AgentStatus]:
         return [self._status(a) for a in self._agents.values()]
+
+    def agent_ids(self) -> list[str]:
+        """The hosted agents' ids: cheap, unlike :meth:`statuses`."""
+        return list(self._agents)
+
+    def summaries(self) -> list[AgentSummary]:
+        """One line per agent for heartbeats: cheap, unlike :meth:`statuses`."""
+        return [AgentSummary(a.id, a.lc.state, a.epoch, a.pid) for a in self._agents.values()]
 
     def spec(self, agent_id: str) -> AgentSpec:
         return self._get(agent_id).spec
