@@ -564,7 +564,6 @@ class Supervisor:
     async def _stop(self, a: _Agent, grace: float | None, reason: str = "stop requested") -> None:
         """Bring the agent to ``stopped``; the caller holds ``a.lock``."""
         a.manual_stop = True
-        self._save(a, durable=True)  # the operator's intent must outlive a host crash
         state = a.lc.state
         if state in (S.STARTING, S.RUNNING, S.PAUSED):
             self._move(a, S.STOPPING, reason)
@@ -573,6 +572,10 @@ class Supervisor:
             a.wake.set()
         elif state in (S.PENDING, S.EXITED, S.FAILED):
             self._settle(a, S.STOPPED, reason)
+        # The operator's intent must outlive a host crash; saved after the
+        # signal so that stopping many agents starts every grace period at once
+        # rather than one fsync after another.
+        self._save(a, durable=True)
         # STOPPING (a restart already under way): the manual flag makes the loop stay down.
         if a.task is not None:
             await asyncio.shield(a.task)
