@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
     netns_unavailable() is not None, reason=f"no netns bed: {netns_unavailable()}"
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 FABRIC = [sys.executable, "-m", "fabric"]
 NODE = [sys.executable, "-m", "node_agent.main"]
 
@@ -72,7 +73,9 @@ class Fabric:
                 host.popen(
                     [*NODE, "--node-id", host.name,
                      "--state-dir", str(self.work / "nodes" / host.name),
-                     "--token-key", str(self.pki / "signing.pub")],
+                     "--token-key", str(self.pki / "signing.pub"),
+                     "--worker-cert", str(self.pki / "worker.crt"),
+                     "--worker-key", str(self.pki / "worker.key")],
                     env=self.env(host.name), stdout=log, stderr=log,
                 )  # fmt: skip
 
@@ -112,6 +115,7 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
             "controller-1": "controller",
             "controller-2": "controller",
             "admin": "operator",
+            "worker": "worker",
         }
         identities |= {h.name: "node" for h in bed.hosts}
         for name, role in identities.items():
@@ -122,7 +126,10 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
         fab = Fabric(bed, pki, work)
         fab.start()
         yield fab
-    assert leftovers() == [], "the bed left namespaces behind"
+    mine = {h.netns for h in bed.hosts} | {bed.switch}
+    assert not mine & set(leftovers()), "the bed left namespaces behind"
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False)
+    assert bed._if not in links.stdout, "the bed left veth interfaces behind"
 
 
 def _ready(fab: Fabric, host: Host) -> set[str]:
@@ -144,10 +151,27 @@ def test_fabric_spreads_over_hosts_and_re_places_a_cut_off_host(fabric: Fabric) 
     spread = until(lambda: len(placement(h2)) == 3 and placement(h2), 30, "3 running replicas")
     assert sorted(spread.values()) == ["host-1", "host-2", "host-3"]
 
+    # A task through the queue: a worker agent on the bed, submitted from another host.
+    worker = ROOT / "examples" / "summarize_worker.py"
+    run = fabric.cli(
+        h1, "run", "summarizer", "--capability", "summarize", "--",
+        sys.executable, str(worker), timeout=90,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    task = fabric.cli(
+        h2, "task", "submit", "summarize", "--data", '{"text": "one two three"}', "--wait",
+        timeout=90,
+    )  # fmt: skip
+    assert task.returncode == 0, task.stderr
+    assert json.loads(task.stdout[task.stdout.index("{") :]) == {
+        "words": 3,
+        "summary": "one two three",
+    }
+
     events = fabric.cli(h3, "events", "--since", "5m", "--json")
     assert events.returncode == 0, events.stderr
     kinds = {json.loads(line)["type"] for line in events.stdout.splitlines() if line.strip()}
-    assert "io.agent-fabric.agent.started" in kinds
+    assert {"io.agent-fabric.agent.started", "io.agent-fabric.task.succeeded"} <= kinds
 
     moved = next(agent for agent, node in spread.items() if node == "host-3")
     fabric.bed.cut(2)
