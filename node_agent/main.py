@@ -151,8 +151,15 @@ def _config(args: argparse.Namespace) -> NodeAgentConfig:
 async def _run(config: NodeAgentConfig, verifier: TokenVerifier) -> None:
     agent = NodeAgent(config, verifier)
     loop = asyncio.get_running_loop()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        # A plain handler rather than loop.add_signal_handler: that one only
+        # learns of a signal through the loop's wake-up pipe, which a storm of
+        # SIGCHLDs from many exiting agents can fill, dropping a SIGTERM.
+        loop.call_soon_threadsafe(agent.request_shutdown)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, agent.request_shutdown)
+        signal.signal(signum, on_signal)
     await agent.run()
 
 

@@ -176,11 +176,14 @@ class NodeAgent:
                 self._notifier.stopping(f"shutting down ({self._shutdown_mode})")
                 log.info("node %s shutting down (%s)", cfg.node_id, self._shutdown_mode)
                 await sup.shutdown(self._shutdown_mode)
-                await self._flush_outbox()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                await self._close()
+                # Saying goodbye on NATS must never keep the node from exiting.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await self._flush_outbox()
+                        await self._close()
 
     async def _close(self) -> None:
         for task in list(self._inflight):

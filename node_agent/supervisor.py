@@ -399,6 +399,9 @@ class Supervisor:
                 self._logs.rotate_if_needed(a.id, a.spec.logs)
             self._emit(a)
         self._trees.end_tick()
+        # A burst of exits can overflow the loop's signal pipe and lose a
+        # SIGCHLD; one reap pass per tick makes sure no exit goes unseen.
+        self._reaper.reap()
         self._reaper.poll_foreign()
 
     # -- the per-agent loop -------------------------------------------------------
