@@ -147,14 +147,21 @@ def peek_message(data: bytes) -> _Peeked:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """One refused message, as far as it could be read."""
+    """One refused message: what is known for sure, plus the message to read on demand.
+
+    The message is only looked into (:meth:`data`) when the refusal is actually
+    written, so a flood that the rate limit suppresses costs no parsing.
+    """
 
     code: ErrorCode
     subject: str
+    body: bytes = b""
     op: str | None = None
-    claimed_by: str | None = None
-    verified: bool = False
+    """The op or API method when the receiver knows it; else read from ``body``."""
     target: str | None = None
+    """The agent or node the subject names; else read from ``body``."""
+    verified_by: str | None = None
+    """The subject of a token that passed verification before the refusal, if any."""
 
     @classmethod
     def of(
@@ -167,38 +174,28 @@ class Refusal:
         target: str | None = None,
         verified_by: str | None = None,
     ) -> Refusal:
-        """Describe a refusal of ``data`` received on ``subject``.
-
-        ``op`` and ``target`` default to what the message itself says;
-        ``verified_by`` is the subject of a token that did pass verification
-        (the refusal came after it), else the claim is read without trust.
-        """
-        peek = peek_message(data)
-        claimed = _short(verified_by) if verified_by else unverified_subject(peek.token)
-        return cls(
-            code=code,
-            subject=_short(subject) or "",
-            op=_short(op) or peek.op,
-            claimed_by=claimed,
-            verified=verified_by is not None,
-            target=_short(target) or peek.target,
-        )
+        """A refusal of ``data`` received on ``subject`` (see the fields)."""
+        return cls(code, subject, bytes(data), op, target, verified_by)
 
     def data(self, suppressed: int = 0) -> dict[str, object]:
+        """The event's data; the claimed subject is read without trust unless verified."""
+        peek = peek_message(self.body)
+        verified = self.verified_by is not None
+        claimed = _short(self.verified_by) if verified else unverified_subject(peek.token)
         return {
             "code": self.code.value,
-            "op": self.op,
-            "subject": self.subject,
-            "claimed_by": self.claimed_by,
-            "verified": self.verified,
-            "target": self.target,
+            "op": _short(self.op) or peek.op,
+            "subject": _short(self.subject) or "",
+            "claimed_by": claimed,
+            "verified": verified,
+            "target": _short(self.target) or peek.target,
             "suppressed": suppressed,
         }
 
     @property
     def actor(self) -> str | None:
         """The event's actor: only a verified token names one."""
-        return self.claimed_by if self.verified else None
+        return _short(self.verified_by)
 
 
 class RefusalAudit:
