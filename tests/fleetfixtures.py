@@ -96,6 +96,7 @@ class FakeNode:
         self.senders: list[str] = []
         """Who minted each command's token (the controller's name), in order."""
         self.beating = True
+        self.beats = 0
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -144,6 +145,7 @@ class FakeNode:
                     agents=self._summaries(),
                 )
                 await self.nc.publish(subjects.node_heartbeat(self.node_id), encode(beat))
+                self.beats += 1
             await asyncio.sleep(0.2)
 
     async def wait(self, predicate: Any, within: float = 5.0) -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fabric.controller.placement import (
     Allocation,
+    NodeLoad,
     NodeSnapshot,
     choose_node,
     demand,
@@ -303,3 +304,40 @@ def test_property_constraints_hold_and_answers_repeat(
     if counts and max(counts.values()) > 1:
         eligible = {nid for nid, v in by_id.items() if choose_node(d, [v], {}).node_id is not None}
         assert eligible <= set(placed)
+
+
+# --- running sums: the same answers as the allocations they sum ------------------
+
+allocation_strategy = st.builds(
+    Allocation,
+    agent_id=st.sampled_from([f"a{i}" for i in range(8)]),
+    deployment=st.sampled_from(["web", "api"]),
+    cpus=st.sampled_from([0.0, 0.5, 1.0]),
+    memory_bytes=st.sampled_from([0, GiB]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    d=deployment_strategy,
+    raw_nodes=st.lists(node_strategy, max_size=6, unique_by=lambda n: n.node_id),
+    held=st.dictionaries(
+        st.sampled_from([f"n{i}" for i in range(6)]), st.lists(allocation_strategy, max_size=4)
+    ),
+)
+def test_property_loads_decide_like_allocations(
+    d: Deployment, raw_nodes: list[NodeSnapshot], held: dict[str, list[Allocation]]
+) -> None:
+    loads = {n: NodeLoad.of(a) for n, a in held.items()}
+    assert choose_node(d, raw_nodes, loads) == choose_node(d, raw_nodes, held)
+
+
+def test_node_load_add_and_remove_balance() -> None:
+    a, b = Allocation("a", "web", 0.5, GiB), Allocation("b", "api", 1.0, 0)
+    load = NodeLoad.of([a, b])
+    assert (load.agents, load.cpus, load.memory_bytes) == (2, 1.5, GiB)
+    assert load.per_deployment == {"web": 1, "api": 1}
+    load.remove(a)
+    assert load.per_deployment == {"api": 1}
+    load.remove(b)
+    assert load == NodeLoad()

@@ -287,3 +287,37 @@ def test_property_one_live_copy_after_heal(
         for agent_id in o.agents:
             live.setdefault(agent_id, []).append(n)
     assert all(len(v) == 1 for v in live.values()), live
+
+
+# --- a bounded pass ------------------------------------------------------------
+
+
+def test_budget_spreads_a_big_placement_over_passes_that_converge() -> None:
+    # Each search looks at 3 nodes (3 units); a budget of 6 places two replicas a pass.
+    observed = nodes(n1=(R, {}), n2=(R, {}), n3=(R, {}))
+    records = [record("web", replicas=3), record("api", replicas=2)]
+    first = reconcile(snap(records, observed), budget=6)
+    assert [c.agent_id for c in first.commands] == ["api-0", "api-1"]
+    web = next(d for d in first.deployments if d.name == "web")
+    assert not web.changed  # waiting replicas keep their record: nothing to write
+    records = [d.record for d in first.deployments if d.record is not None]
+    second = reconcile(snap(records, observed), budget=6)
+    assert sorted(placements(second, "web")) == ["web-0", "web-1"]
+    records = [d.record for d in second.deployments if d.record is not None]
+    third = reconcile(snap(records, observed), budget=6)
+    assert sorted(placements(third, "web")) == ["web-0", "web-1", "web-2"]
+    # The same spread as one unbounded pass: the budget only defers.
+    unbounded = reconcile(snap([record("web", replicas=3), record("api", replicas=2)], observed))
+    assert placements(third, "web") == placements(unbounded, "web")
+
+
+def test_budget_defers_a_failover_and_an_escalation_without_failing_them() -> None:
+    lost = record(placed={"web": ("n1", 5)})
+    failed = record("job", placed={"job": ("n2", 7)})
+    observed = nodes(n1=(L, {}), n2=(R, {"job": (FAIL, 7)}), n3=(R, {}))
+    plan = reconcile(snap([lost, failed], observed), budget=0)
+    assert plan.commands == []
+    assert not any(d.changed for d in plan.deployments)
+    plan = reconcile(snap([lost, failed], observed), budget=100)
+    assert placements(plan, "job")["job"][0] == "n3"  # "job" first: names in order
+    assert placements(plan) == {"web": ("n2", 11)}

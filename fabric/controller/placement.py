@@ -12,12 +12,17 @@ replica goes through two steps:
    different nodes whenever possible), then ``spread`` (fewest agents in all)
    or ``pack`` (most agents in all), then the node id. The id makes every
    tie break the same way, so a snapshot always yields the same answer.
+
+What a node holds can be given as its allocations or, for callers placing
+many replicas in one pass, as a :class:`NodeLoad` kept current as they go:
+then judging one node costs the same however much it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from schemas.api import Deployment
 from schemas.node import NodeState
@@ -25,6 +30,8 @@ from schemas.node import NodeState
 __all__ = [
     "Allocation",
     "Decision",
+    "Loads",
+    "NodeLoad",
     "NodeSnapshot",
     "choose_node",
     "demand",
@@ -65,6 +72,54 @@ class Decision:
     reason: str = ""
 
 
+@dataclass(slots=True)
+class NodeLoad:
+    """The sum of what is allocated on one node, updated as replicas come and go."""
+
+    agents: int = 0
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    per_deployment: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, allocations: Iterable[Allocation]) -> NodeLoad:
+        load = cls()
+        for allocation in allocations:
+            load.add(allocation)
+        return load
+
+    def add(self, a: Allocation) -> None:
+        self.agents += 1
+        self.cpus += a.cpus
+        self.memory_bytes += a.memory_bytes
+        self.per_deployment[a.deployment] = self.per_deployment.get(a.deployment, 0) + 1
+
+    def remove(self, a: Allocation) -> None:
+        self.agents -= 1
+        self.cpus -= a.cpus
+        self.memory_bytes -= a.memory_bytes
+        left = self.per_deployment.get(a.deployment, 0) - 1
+        if left > 0:
+            self.per_deployment[a.deployment] = left
+        else:
+            self.per_deployment.pop(a.deployment, None)
+
+
+Loads: TypeAlias = Mapping[str, NodeLoad] | Mapping[str, Sequence[Allocation]]
+"""Node id -> what it holds, as a running sum or as its allocations."""
+
+_EMPTY = NodeLoad()
+
+
+def _load(loads: Loads, node_id: str) -> NodeLoad:
+    held = loads.get(node_id)
+    if held is None:
+        return _EMPTY
+    if isinstance(held, NodeLoad):
+        return held
+    return NodeLoad.of(held)
+
+
 def demand(deployment: Deployment) -> tuple[float, int]:
     """The cpus and memory one replica reserves; an unset limit reserves nothing."""
     limits = deployment.spec.limits
@@ -74,7 +129,7 @@ def demand(deployment: Deployment) -> tuple[float, int]:
 def _refusal(
     node: NodeSnapshot,
     deployment: Deployment,
-    allocated: Sequence[Allocation],
+    load: NodeLoad,
     excluded: Collection[str],
 ) -> str | None:
     """Why ``node`` cannot take one more replica, or None when it can."""
@@ -89,16 +144,13 @@ def _refusal(
     for capability in wanted.capabilities:
         if capability not in node.capabilities:
             return f"capability {capability} missing"
-    if wanted.max_per_node is not None:
-        mine = sum(1 for a in allocated if a.deployment == deployment.name)
-        if mine >= wanted.max_per_node:
-            return "max_per_node reached"
+    mine = load.per_deployment.get(deployment.name, 0)
+    if wanted.max_per_node is not None and mine >= wanted.max_per_node:
+        return "max_per_node reached"
     cpus, memory = demand(deployment)
-    used_cpus = sum(a.cpus for a in allocated)
-    used_memory = sum(a.memory_bytes for a in allocated)
-    if cpus > 0 and used_cpus + cpus > node.cpus + _EPSILON:
+    if cpus > 0 and load.cpus + cpus > node.cpus + _EPSILON:
         return "not enough cpus"
-    if memory > 0 and used_memory + memory > node.memory_bytes:
+    if memory > 0 and load.memory_bytes + memory > node.memory_bytes:
         return "not enough memory"
     return None
 
@@ -106,7 +158,7 @@ def _refusal(
 def choose_node(
     deployment: Deployment,
     nodes: Iterable[NodeSnapshot],
-    allocations: Mapping[str, Sequence[Allocation]],
+    allocations: Loads,
     *,
     exclude: Collection[str] = (),
 ) -> Decision:
@@ -116,20 +168,25 @@ def choose_node(
     deployment); ``exclude`` lists nodes this replica must avoid (e.g. the
     node it just failed on).
     """
-    candidates: list[tuple[int, int, str]] = []
+    best: tuple[int, int, str] | None = None
     refusals: dict[str, int] = {}
+    spread = deployment.constraints.strategy == "spread"
+    name = deployment.name
     for node in nodes:
-        allocated = allocations.get(node.node_id, ())
-        why = _refusal(node, deployment, allocated, exclude)
+        load = _load(allocations, node.node_id)
+        why = _refusal(node, deployment, load, exclude)
         if why is not None:
             refusals[why] = refusals.get(why, 0) + 1
             continue
-        mine = sum(1 for a in allocated if a.deployment == deployment.name)
-        total = len(allocated)
-        load = total if deployment.constraints.strategy == "spread" else -total
-        candidates.append((mine, load, node.node_id))
-    if candidates:
-        return Decision(min(candidates)[2])
+        rank = (
+            load.per_deployment.get(name, 0),
+            load.agents if spread else -load.agents,
+            node.node_id,
+        )
+        if best is None or rank < best:
+            best = rank
+    if best is not None:
+        return Decision(best[2])
     if not refusals:
         return Decision(None, "no nodes")
     detail = ", ".join(f"{n} {why}" for why, n in sorted(refusals.items()))
@@ -143,14 +200,14 @@ def place_replicas(
     allocations: Mapping[str, Sequence[Allocation]],
 ) -> dict[str, Decision]:
     """Place each of ``agent_ids`` in order, each seeing the ones placed before it."""
-    current = {node_id: list(allocs) for node_id, allocs in allocations.items()}
+    current = {node_id: NodeLoad.of(allocs) for node_id, allocs in allocations.items()}
     cpus, memory = demand(deployment)
     decisions: dict[str, Decision] = {}
     for agent_id in agent_ids:
         decision = choose_node(deployment, nodes, current)
         decisions[agent_id] = decision
         if decision.node_id is not None:
-            current.setdefault(decision.node_id, []).append(
+            current.setdefault(decision.node_id, NodeLoad()).add(
                 Allocation(agent_id, deployment.name, cpus, memory)
             )
     return decisions

@@ -23,6 +23,12 @@ removes any copy of a controller-placed agent (epoch > 0) that is not the
 current placement, naming that copy's own epoch: a node back from a
 partition stops its stale copy, so no two copies of one replica stay alive.
 Agents with epoch 0 were placed by hand and are never swept.
+
+Work per pass is bounded: each search for a node costs one unit per node
+looked at, and once ``budget`` units are spent the replicas still to move
+keep their record as it is until the next pass (a cold start or a scale-up
+of thousands of replicas then spreads over a few passes instead of holding
+the loop for seconds).
 """
 
 from __future__ import annotations
@@ -33,7 +39,14 @@ from typing import Any
 
 import msgspec
 
-from fabric.controller.placement import Allocation, NodeSnapshot, choose_node, demand
+from fabric.controller.placement import (
+    Allocation,
+    Decision,
+    NodeLoad,
+    NodeSnapshot,
+    choose_node,
+    demand,
+)
 from schemas.agent import AgentSpec, AgentState
 from schemas.api import DeploymentRecord, ReplicaPlacement, replica_ids
 from schemas.node import AgentSummary, NodeState
@@ -137,24 +150,52 @@ def _alive(nodes: Mapping[str, ObservedNode], node_id: str | None) -> ObservedNo
 
 
 class _Allocations:
-    """What every node holds, kept current while replicas move during one pass."""
+    """What every node holds, kept current while replicas move during one pass,
+    and what is left of the pass's budget for searching nodes.
 
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.by_node: dict[str, list[Allocation]] = {}
-        for name, (record, _) in sorted(snapshot.deployments.items()):
-            cpus, memory = demand(record.deployment)
-            for p in record.replicas:
-                if p.node_id is not None and not p.failed:
-                    self.add(p.node_id, Allocation(p.agent_id, name, cpus, memory))
+    Built on first use: a pass with nothing to place never sums the fleet.
+    """
+
+    def __init__(self, snapshot: Snapshot, budget: int | None) -> None:
+        self._snapshot = snapshot
+        self._loads: dict[str, NodeLoad] | None = None
+        self._where: dict[str, tuple[str, Allocation]] = {}
+        self._gone: set[str] = set()
+        self.budget = budget
+
+    @property
+    def by_node(self) -> dict[str, NodeLoad]:
+        if self._loads is None:
+            self._loads = {}
+            for name, (record, _) in sorted(self._snapshot.deployments.items()):
+                cpus, memory = demand(record.deployment)
+                for p in record.replicas:
+                    if p.node_id is not None and not p.failed and p.agent_id not in self._gone:
+                        self.add(p.node_id, Allocation(p.agent_id, name, cpus, memory))
+        return self._loads
 
     def add(self, node_id: str, allocation: Allocation) -> None:
-        self.by_node.setdefault(node_id, []).append(allocation)
+        self.by_node.setdefault(node_id, NodeLoad()).add(allocation)
+        self._where[allocation.agent_id] = (node_id, allocation)
 
     def drop(self, node_id: str | None, agent_id: str) -> None:
-        if node_id is None:
+        if self._loads is None:
+            self._gone.add(agent_id)  # left out when the loads are first summed
             return
-        held = self.by_node.get(node_id, [])
-        self.by_node[node_id] = [a for a in held if a.agent_id != agent_id]
+        found = self._where.get(agent_id)
+        if node_id is None or found is None or found[0] != node_id:
+            return
+        self._loads[node_id].remove(found[1])
+        del self._where[agent_id]
+
+    def spend(self, cost: int) -> bool:
+        """Take ``cost`` units of the budget; False (nothing taken) once it is spent."""
+        if self.budget is None:
+            return True
+        if self.budget <= 0:
+            return False
+        self.budget -= max(cost, 1)
+        return True
 
 
 def _epoch(p: ReplicaPlacement, revision: int) -> int:
@@ -189,10 +230,14 @@ def _plan_deployment(
             commands.append(Remove(p.node_id, agent_id, p.epoch))
         allocs.drop(p.node_id, agent_id)
 
-    def move(p: ReplicaPlacement, reason: str, exclude: set[str], **extra: Any) -> bool:
+    def move(p: ReplicaPlacement, reason: str, exclude: set[str], **extra: Any) -> Decision | None:
+        """Move ``p`` to the best node: the decision (node None: none fits), or
+        None when the pass's budget is spent and ``p`` must wait for the next."""
+        if not allocs.spend(len(snapshots)):
+            return None
         decision = choose_node(deployment, snapshots, allocs.by_node, exclude=exclude)
         if decision.node_id is None:
-            return False
+            return decision
         epoch = _epoch(p, revision)
         allocs.drop(p.node_id, p.agent_id)
         allocs.add(decision.node_id, Allocation(p.agent_id, name, cpus, memory))
@@ -220,7 +265,7 @@ def _plan_deployment(
                 **extra,
             )
         )
-        return True
+        return decision
 
     for agent_id in desired:
         p = existing.get(agent_id) or ReplicaPlacement(agent_id=agent_id)
@@ -230,22 +275,29 @@ def _plan_deployment(
             continue
         if node is None or p.node_id is None:
             # Never placed, waiting for capacity, or its node is lost.
-            reason = "node lost" if p.node_id is not None else "placed"
-            if not move(p, reason, set()):
-                decision = choose_node(deployment, snapshots, allocs.by_node)
+            decision = move(p, "node lost" if p.node_id is not None else "placed", set())
+            if decision is None:
+                if agent_id in existing:
+                    kept.append(p)  # out of budget: as it was, until the next pass
+            elif decision.node_id is None:
                 allocs.drop(p.node_id, agent_id)
                 kept.append(msgspec.structs.replace(p, node_id=None, reason=decision.reason))
             continue
         seen = node.agents.get(agent_id)
         if seen is not None and seen.epoch == p.epoch and seen.state is AgentState.FAILED:
             # Escalation: the node spent its restart budget; try elsewhere once.
-            if p.escalated or not move(p, "failed", {p.node_id}, escalated=True):
+            decision = None if p.escalated else move(p, "failed", {p.node_id}, escalated=True)
+            if decision is None and not p.escalated:
+                kept.append(p)  # out of budget: next pass
+            elif decision is None or decision.node_id is None:
                 kept.append(msgspec.structs.replace(p, failed=True, reason="failed"))
                 data = {"agent_id": agent_id, "deployment": name, "node_id": p.node_id}
                 events.append(Event("agent.failed", agent_id, data))
             continue
-        if node.state is NodeState.DRAINING and move(p, "drain", {p.node_id}):
-            continue
+        if node.state is NodeState.DRAINING:
+            decision = move(p, "drain", {p.node_id})
+            if decision is not None and decision.node_id is not None:
+                continue
         if p.generation != record.generation:
             epoch = _epoch(p, revision)
             commands.append(Place(p.node_id, _spec_for(record, agent_id), epoch))
@@ -291,9 +343,12 @@ def _sweep(plans: list[DeploymentPlan], nodes: Mapping[str, ObservedNode]) -> li
     return out
 
 
-def reconcile(snapshot: Snapshot) -> Plan:
-    """Everything to do to move the observed fleet toward the desired one."""
-    allocs = _Allocations(snapshot)
+def reconcile(snapshot: Snapshot, *, budget: int | None = None) -> Plan:
+    """Everything to do to move the observed fleet toward the desired one.
+
+    ``budget``: node evaluations this pass may spend searching (None: no limit).
+    """
+    allocs = _Allocations(snapshot, budget)
     snapshots = [n.snapshot for _, n in sorted(snapshot.nodes.items())]
     plans = [
         _plan_deployment(record, revision, snapshot.nodes, snapshots, allocs)

@@ -162,6 +162,8 @@ class Mirror(Generic[T]):
         self.items: dict[str, tuple[T, int]] = {}
         self.ready = asyncio.Event()
         self.changed = asyncio.Event()
+        self.version = 0
+        """Counts changes: equal readings mean nothing changed in between."""
         self.bad_values = 0
 
     def apply(self, key: str, value: T | None, revision: int) -> None:
@@ -173,6 +175,7 @@ class Mirror(Generic[T]):
             self.items.pop(key, None)
         else:
             self.items[key] = (value, revision)
+        self.version += 1
         self.changed.set()
 
     async def run(self) -> None:
@@ -184,6 +187,7 @@ class Mirror(Generic[T]):
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self.items.pop(entry.key, None)
+                    self.version += 1
                     self.changed.set()
                     continue
                 try:

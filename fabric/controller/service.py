@@ -57,6 +57,7 @@ from fabric.controller.observed import ObservedEntry, changes
 from fabric.controller.placement import NodeSnapshot
 from fabric.controller.reconcile import (
     Command,
+    DeploymentPlan,
     Event,
     ObservedNode,
     Place,
@@ -104,6 +105,10 @@ __all__ = ["QUEUE_GROUP", "Controller", "ControllerConfig", "Pass"]
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "fabric-controllers"
+_WRITE_CHUNK = 64
+"""Registry writes a pass sends at once, each batch right after a lease fence."""
+_QUIET_PASS_EVERY = 1.0
+"""Seconds between passes while nothing a pass reads has changed."""
 _MAX_REQUEST = 1024 * 1024
 _METHOD_SCOPES = {
     "create": "agents:run",
@@ -130,6 +135,8 @@ class ControllerConfig:
     node_timeout: float = 1.5
     lease_ttl: float = 3.0
     reconcile_interval: float = 0.25
+    placement_budget: int = 100_000
+    """Nodes a pass may look at while searching placements (about 50 ms of work)."""
     command_timeout: float = 2.0
     command_token_ttl: float = 30.0
     streams: StreamSettings = field(default_factory=StreamSettings)
@@ -144,6 +151,38 @@ class Pass:
     """Nodes whose ``lost`` flag must change: node id -> lost."""
     observed: dict[str, list[AgentSummary]] = field(default_factory=dict)
     """Nodes whose reported agents differ from ``fabric_observed``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    nodes: list[tuple[NodeEntry, NodeState, dict[str, AgentSummary]]]
+    deployments: dict[str, tuple[DeploymentRecord, int]]
+    live: dict[str, dict[str, AgentSummary]]
+    stored: dict[str, ObservedEntry]
+
+
+def _decide(view: _View, budget: int | None) -> Pass:
+    """A pass's decisions from its view. Pure, so it may run in a worker thread."""
+    observed: dict[str, ObservedNode] = {}
+    marks: dict[str, bool] = {}
+    for entry, state, reported in view.nodes:
+        info = entry.info
+        lost = state is NodeState.LOST
+        if lost != entry.lost:
+            # Not lost with the flag set means a heartbeat came back: a flagged
+            # node gets no grace from a new leader (see Controller._state_of).
+            marks[info.node_id] = lost
+        snapshot = NodeSnapshot(
+            info.node_id,
+            state,
+            info.labels,
+            frozenset(info.capabilities),
+            info.resources.cpus,
+            info.resources.memory_bytes,
+        )
+        observed[info.node_id] = ObservedNode(snapshot, reported)
+    plan = reconcile(Snapshot(view.deployments, observed), budget=budget)
+    return Pass(plan, marks, changes(view.live, view.stored))
 
 
 @dataclass(slots=True)
@@ -216,6 +255,8 @@ class Controller:
         self.live: dict[str, _Live] = {}
         self.statuses: dict[str, dict[str, AgentStatus]] = {}
         self.node_states: dict[str, NodeState] = {}
+        self._live_version = 0
+        self._last_pass: tuple[float, tuple[int, ...]] | None = None
         self.refused: Counter[str] = Counter()
         self.api_calls: Counter[str] = Counter()  # by method, for fabric.prometheus
         self.published: Counter[str] = Counter()  # events by kind, for fabric.prometheus
@@ -326,6 +367,7 @@ class Controller:
         self._led_since = loop.time() if leader else None
         self.node_states.clear()
         self._retries.tries.clear()
+        self._last_pass = None
         if leader:
             self._publish(
                 "controller.leader",
@@ -409,9 +451,13 @@ class Controller:
         if beat.node_id != node_id:
             self.refused[ErrorCode.INVALID_PAYLOAD.value] += 1
             return
+        agents = {a.agent_id: a for a in beat.agents}
+        before = self.live.get(node_id)
+        if before is None or before.agents != agents or before.draining != beat.draining:
+            self._live_version += 1
         self.live[node_id] = _Live(
             last_seen=asyncio.get_running_loop().time(),
-            agents={a.agent_id: a for a in beat.agents},
+            agents=agents,
             draining=beat.draining,
         )
 
@@ -452,6 +498,7 @@ class Controller:
             last_seen=asyncio.get_running_loop().time(),
             agents={a.agent_id: a for a in request.agents},
         )
+        self._live_version += 1
         return RegisterReply(
             node_id=node_id,
             agents=self._placements_on(node_id),
@@ -498,18 +545,19 @@ class Controller:
         request = decode(data, DiscoverRequest, max_bytes=_MAX_REQUEST)
         ids = set(request.ids)
         if request.what == "nodes":
+            known = self._require(self.nodes).items
+            # Cheap filters first; a record (state, agents) only for what passes them.
             nodes: list[NodeRecord] = []
-            for node_id, (entry, _) in sorted(self._require(self.nodes).items.items()):
-                record = self._node_record(node_id, entry)
-                info = record.info
-                if (
-                    (ids and node_id not in ids)
-                    or any(info.labels.get(k) != v for k, v in request.labels.items())
-                    or (request.capability and request.capability not in info.capabilities)
-                    or (request.state and record.state.value != request.state)
+            for node_id in sorted(ids & known.keys() if ids else known):
+                entry = known[node_id][0]
+                info = entry.info
+                if any(info.labels.get(k) != v for k, v in request.labels.items()) or (
+                    request.capability and request.capability not in info.capabilities
                 ):
                     continue
-                nodes.append(record)
+                if request.state and self._state_of(node_id, entry).value != request.state:
+                    continue
+                nodes.append(self._node_record(node_id, entry))
             return DiscoverReply(
                 nodes=nodes[: request.limit],
                 truncated=len(nodes) > request.limit,
@@ -524,9 +572,14 @@ class Controller:
 
     def _discover_agents(self, request: DiscoverRequest, ids: set[str]) -> list[AgentStatus]:
         out: list[AgentStatus] = []
-        for record, _ in sorted(
-            self._require(self.deployments).items.values(), key=lambda r: r[0].name
-        ):
+        known = self._require(self.deployments).items
+        if ids:
+            # A replica id is its deployment's name, or the name and "-<index>".
+            names = {n for i in ids for n in (i, i.rpartition("-")[0]) if n in known}
+        else:
+            names = set(known)
+        for name in sorted(names):
+            record = known[name][0]
             spec = record.deployment.spec
             if any(spec.labels.get(k) != v for k, v in request.labels.items()):
                 continue
@@ -643,7 +696,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.config.reconcile_interval)
             lease = self.lease
-            if lease is None or not lease.valid():
+            if lease is None or not lease.valid() or not self._pass_due():
                 continue
             try:
                 await self.reconcile_once()
@@ -653,36 +706,54 @@ class Controller:
                 log.warning("reconcile pass failed: %s", exc)
 
     async def reconcile_once(self) -> None:
-        await self.carry_out(self.plan_pass())
+        view = self._view()
+        # The pure part runs off the event loop, so requests (discovery,
+        # registration) and lease renewals are served while it thinks.
+        work = await asyncio.to_thread(_decide, view, self.config.placement_budget)
+        await self.carry_out(work)
+
+    def _inputs(self) -> tuple[int, ...]:
+        mirrors = (self.nodes, self.deployments, self.observed)
+        return (*(m.version if m else -1 for m in mirrors), self._live_version)
+
+    def _pass_due(self) -> bool:
+        """Whether a pass could decide anything new: an input changed (registry,
+        reports, a node's state by the clock), a command is not done yet, or
+        the last pass is ``_QUIET_PASS_EVERY`` old. A steady fleet of a
+        thousand nodes otherwise costs a full pass four times a second."""
+        if self._last_pass is None or self.nodes is None:
+            return True
+        at, inputs = self._last_pass
+        if self._inputs() != inputs:
+            return True
+        if asyncio.get_running_loop().time() - at >= _QUIET_PASS_EVERY:
+            return True
+        if any(t.done_at is None for t in self._retries.tries.values()):
+            return True
+        return any(
+            self._state_of(node_id, entry) is not self.node_states.get(node_id)
+            for node_id, (entry, _) in self.nodes.items.items()
+        )
 
     def plan_pass(self) -> Pass:
         """Decide, from the local view only: node states, lost flags, the plan."""
-        observed: dict[str, ObservedNode] = {}
-        marks: dict[str, bool] = {}
+        return _decide(self._view(), self.config.placement_budget)
+
+    def _view(self) -> _View:
+        """What a pass decides from, read on the event loop: node states by the
+        clock, and references to values nothing mutates in place afterwards."""
+        self._last_pass = (asyncio.get_running_loop().time(), self._inputs())
+        nodes: list[tuple[NodeEntry, NodeState, dict[str, AgentSummary]]] = []
         for node_id, (entry, _) in sorted(self._require(self.nodes).items.items()):
             state = self._state_of(node_id, entry)
             self.node_states[node_id] = state
-            lost = state is NodeState.LOST
-            if lost != entry.lost:
-                # Not lost with the flag set means a heartbeat came back: a
-                # flagged node gets no grace from a new leader (see _state_of).
-                marks[node_id] = lost
-            info = entry.info
-            observed[node_id] = ObservedNode(
-                NodeSnapshot(
-                    node_id,
-                    state,
-                    info.labels,
-                    frozenset(info.capabilities),
-                    info.resources.cpus,
-                    info.resources.memory_bytes,
-                ),
-                self._reported(node_id),
-            )
-        deployments = dict(self._require(self.deployments).items)
-        stored = {k: v for k, (v, _) in self._require(self.observed).items.items()}
-        reports = changes({k: live.agents for k, live in self.live.items()}, stored)
-        return Pass(reconcile(Snapshot(deployments, observed)), marks, reports)
+            nodes.append((entry, state, self._reported(node_id)))
+        return _View(
+            nodes=nodes,
+            deployments=dict(self._require(self.deployments).items),
+            live={k: live.agents for k, live in self.live.items()},
+            stored={k: v for k, (v, _) in self._require(self.observed).items.items()},
+        )
 
     async def carry_out(self, work: Pass) -> None:
         """Write the pass's records, then send its commands and events.
@@ -697,23 +768,18 @@ class Controller:
         for node_id, lost in work.marks.items():
             await self._mark_lost(node_id, lost, guard)
         commands: list[Command] = list(work.plan.sweep)
+        won = {dp.name for dp in work.plan.deployments if not dp.changed}
+        changed = [dp for dp in work.plan.deployments if dp.changed]
+        # Written a chunk at a time, concurrently, each chunk right after a fence.
+        for start in range(0, len(changed), _WRITE_CHUNK):
+            chunk = changed[start : start + _WRITE_CHUNK]
+            await guard()
+            done = await asyncio.gather(*(self._write_record(buckets, mirror, dp) for dp in chunk))
+            won.update(dp.name for dp, ok in zip(chunk, done, strict=True) if ok)
         for dp in work.plan.deployments:
-            if dp.changed:
-                try:
-                    if dp.record is None:
-                        await delete(buckets.agents, dp.name, dp.revision, guard=guard)
-                        mirror.apply(dp.name, None, dp.revision + 1)
-                    else:
-                        rev = await write(
-                            buckets.agents, dp.name, dp.record, dp.revision, guard=guard
-                        )
-                        mirror.apply(dp.name, dp.record, rev)
-                except ContractError as exc:
-                    # Changed meanwhile (an API call, another leader): next pass.
-                    log.info("deployment %s: %s", dp.name, exc)
-                    continue
-            commands.extend(dp.commands)
-            self._publish_all(dp.events)
+            if dp.name in won:
+                commands.extend(dp.commands)
+                self._publish_all(dp.events)
         now = asyncio.get_running_loop().time()
         self._retries.forget_except({_Retries.key(c) for c in commands})
         # Stops go out before starts, so a moved replica is not run twice
@@ -725,10 +791,26 @@ class Controller:
         for command in due:
             self._spawn(self._send(command))
         if work.observed:
-            await guard()
-            await self._store_observed(work.observed)
+            await self._store_observed(work.observed, guard)
 
-    async def _store_observed(self, reports: dict[str, list[AgentSummary]]) -> None:
+    async def _write_record(
+        self, buckets: Buckets, mirror: Mirror[DeploymentRecord], dp: DeploymentPlan
+    ) -> bool:
+        """One deployment's new record (compare-and-set); False when it changed meanwhile."""
+        try:
+            if dp.record is None:
+                await delete(buckets.agents, dp.name, dp.revision)
+                mirror.apply(dp.name, None, dp.revision + 1)
+            else:
+                revision = await write(buckets.agents, dp.name, dp.record, dp.revision)
+                mirror.apply(dp.name, dp.record, revision)
+        except ContractError as exc:
+            # Changed meanwhile (an API call, another leader): next pass.
+            log.info("deployment %s: %s", dp.name, exc)
+            return False
+        return True
+
+    async def _store_observed(self, reports: dict[str, list[AgentSummary]], guard: Guard) -> None:
         """Write each node's reported agents (a plain put: only the leader writes here)."""
         kv = self._require_buckets().observed
         mirror = self._require(self.observed)
@@ -743,7 +825,10 @@ class Controller:
                 return  # still different next pass: written then
             mirror.apply(node_id, entry, revision)
 
-        await asyncio.gather(*(put(n, a) for n, a in reports.items()))
+        pending = list(reports.items())
+        for start in range(0, len(pending), _WRITE_CHUNK):
+            await guard()
+            await asyncio.gather(*(put(n, a) for n, a in pending[start : start + _WRITE_CHUNK]))
 
     def _publish_all(self, events: list[Event]) -> None:
         for ev in events:
