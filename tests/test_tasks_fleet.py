@@ -135,8 +135,10 @@ async def test_a_task_waits_for_a_capable_agent_then_survives_its_kill_9(
     record = await tasks.wait(long.task.id, within=20)
 
     assert record.state is TaskState.SUCCEEDED and record.attempts == 2
-    # Seen through the registry (the node reported the exit), not the ack wait.
-    assert record.error == f"agent {victim} stopped running it"
+    # Seen through the registry (the node reported the exit) or, when the
+    # worker's keepalives stop first on a loaded machine, as silence; both
+    # come well before the ack wait, and either way the loss costs one attempt.
+    assert record.error in (f"agent {victim} stopped running it", f"agent {victim} went silent")
     runs = [(e["agent"], e["attempt"]) for e in rig.entries("start") if e["task"] == long.task.id]
     assert runs[0] == (victim, 1) and len(runs) == 2
     assert [e["task"] for e in rig.entries("done")].count(long.task.id) == 1
