@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from agents.harness import until
 from fleetfixtures import FakeNode, node_info
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -79,14 +80,6 @@ async def controller(pki: FabricPki, connect_as: Clients) -> AsyncIterator[Contr
 async def call(nc: Client, method: str, body: dict[str, Any]) -> ApiResult | ErrorReply:
     msg = await nc.request(subjects.api(method), json.dumps(body).encode(), timeout=3)
     return decode(msg.data, ApiResult | ErrorReply)  # type: ignore[arg-type]
-
-
-async def until(predicate: Any, within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
 
 
 def deployment(name: str, replicas: int = 1, **constraints: Any) -> dict[str, Any]:
@@ -369,7 +362,7 @@ async def test_standby_takes_over_when_the_leader_dies(pki: FabricPki, connect_a
     async with running(a) as task_a:
         await until(lambda: a.lease is not None and a.lease.valid())
         async with running(b):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # wait-ok: b must stay a standby while a leads
             assert b.lease is not None
             assert not b.lease.is_leader
             await nc_a.close()  # the leader's process dies: no clean hand-over
