@@ -25,7 +25,9 @@ __all__ = [
     "Buckets",
     "StreamSettings",
     "cluster_size",
+    "ensure_bucket",
     "ensure_state",
+    "ensure_stream",
 ]
 
 EVENTS_STREAM = "EVENTS"
@@ -68,7 +70,8 @@ def cluster_size(nc: Client) -> int:
     return max(1, len(set(urls)))
 
 
-async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The KV bucket, created with ``config`` when it does not exist yet."""
     try:
         return await js.key_value(config.bucket)
     except nats.js.errors.BucketNotFoundError:
@@ -78,6 +81,20 @@ async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     except nats.js.errors.BadRequestError:
         # Another controller created it in between.
         return await js.key_value(config.bucket)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream with ``config`` unless it exists (an existing one is left as it is)."""
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.stream_info(config.name)  # created by another controller meanwhile
 
 
 async def ensure_state(nc: Client, js: JetStreamContext, settings: StreamSettings) -> Buckets:
@@ -92,22 +109,20 @@ async def ensure_state(nc: Client, js: JetStreamContext, settings: StreamSetting
         num_replicas=replicas,
         duplicate_window=120.0,
     )
-    try:
-        await js.stream_info(EVENTS_STREAM)
-    except nats.js.errors.NotFoundError:
-        try:
-            await js.add_stream(events)
-        except nats.js.errors.BadRequestError:
-            await js.stream_info(EVENTS_STREAM)  # created by another controller meanwhile
-    nodes = await _bucket(js, KeyValueConfig(bucket=NODES_BUCKET, history=1, replicas=replicas))
-    agents = await _bucket(js, KeyValueConfig(bucket=AGENTS_BUCKET, history=1, replicas=replicas))
-    observed = await _bucket(
+    await ensure_stream(js, events)
+    nodes = await ensure_bucket(
+        js, KeyValueConfig(bucket=NODES_BUCKET, history=1, replicas=replicas)
+    )
+    agents = await ensure_bucket(
+        js, KeyValueConfig(bucket=AGENTS_BUCKET, history=1, replicas=replicas)
+    )
+    observed = await ensure_bucket(
         js, KeyValueConfig(bucket=OBSERVED_BUCKET, history=1, replicas=replicas)
     )
     # Every message in the lease bucket dies after the lease TTL, so each
     # renewal (a plain update) restarts the clock, and a dead leader's key
     # disappears by itself.
-    lease = await _bucket(
+    lease = await ensure_bucket(
         js,
         KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=settings.lease_ttl, replicas=replicas),
     )

@@ -43,7 +43,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from fabric.controller.streams import cluster_size
+from fabric.controller.streams import cluster_size, ensure_bucket, ensure_stream
 from schemas.ids import validate_id
 
 __all__ = [
@@ -99,19 +99,6 @@ class QueueSettings:
     """Task records expire after this long (KV bucket max age)."""
 
 
-async def _stream(js: JetStreamContext, config: StreamConfig) -> None:
-    assert config.name is not None
-    try:
-        await js.stream_info(config.name)
-        return
-    except nats.js.errors.NotFoundError:
-        pass
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        await js.stream_info(config.name)  # created by another controller meanwhile
-
-
 async def _consumer(js: JetStreamContext, config: ConsumerConfig) -> None:
     assert config.durable_name is not None
     try:
@@ -125,21 +112,10 @@ async def _consumer(js: JetStreamContext, config: ConsumerConfig) -> None:
         await js.consumer_info(TASKS_STREAM, config.durable_name)
 
 
-async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    try:
-        return await js.key_value(config.bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(config.bucket)
-
-
 async def ensure_task_state(nc: Client, js: JetStreamContext, settings: QueueSettings) -> KeyValue:
     """Create (if missing) both streams, the consumer and the bucket; return the bucket."""
     replicas = settings.replicas or min(3, cluster_size(nc))
-    await _stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=TASKS_STREAM,
@@ -151,7 +127,7 @@ async def ensure_task_state(nc: Client, js: JetStreamContext, settings: QueueSet
             max_bytes=settings.max_queue_bytes,
         ),
     )
-    await _stream(
+    await ensure_stream(
         js,
         StreamConfig(
             name=DEAD_STREAM,
@@ -180,7 +156,7 @@ async def ensure_task_state(nc: Client, js: JetStreamContext, settings: QueueSet
             filter_subject=QUEUE_SUBJECTS,
         ),
     )
-    return await _bucket(
+    return await ensure_bucket(
         js,
         KeyValueConfig(
             bucket=RECORDS_BUCKET,
