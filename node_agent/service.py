@@ -391,6 +391,9 @@ class NodeAgent:
                 sub = self._agent_subs.pop(agent_id)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+        for agent_id in hosted - self._agent_subs.keys():
+            with contextlib.suppress(Exception):
+                await self._subscribe_agent(agent_id)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -413,10 +416,13 @@ class NodeAgent:
     async def _reply(self, msg: Msg, work: Callable[[], Awaitable[bytes]]) -> None:
         async with self._command_slots:
             reply = await work()
+        # Subscribe a newly placed agent's command subject before replying: the
+        # server handles one connection's messages in order, so whoever gets
+        # the reply can command the agent at once.
+        await self._reconcile_subscriptions()
         if msg.reply:
             with contextlib.suppress(Exception):
                 await msg.respond(reply)
-        await self._reconcile_subscriptions()
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
