@@ -49,6 +49,7 @@ from fabric.nats_config import (
     write_text_atomic,
 )
 from fabric.pki import Identity, active_identities
+from fabric.procwait import wait_for_exit
 
 # The config types and renderers are re-exported: callers that run a server
 # usually need both.
@@ -304,7 +305,7 @@ class NatsServer:
             # Popen, not asyncio's subprocess: its transport is bound to the
             # loop that made it (a fixture may stop the server from another
             # loop) and on 3.11 it waits for the child in a thread. Spawning
-            # is one fork/exec; waiting is done with a pidfd below.
+            # is one fork/exec; waiting is done with a pidfd (fabric.procwait).
             # Own session: a Ctrl-C at the terminal reaches the fabric, which
             # then stops the server in order, instead of both racing to exit.
             self._proc = subprocess.Popen(  # noqa: ASYNC220
@@ -412,27 +413,8 @@ class NatsServer:
 
     async def _wait_exit(self, limit: float | None) -> int | None:
         """Exit code once the process has exited, or None on timeout."""
-        proc = self._proc
-        assert proc is not None
-        if proc.poll() is not None:
-            return proc.returncode
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            return await _poll_exit(proc, limit)
-        loop = asyncio.get_running_loop()
-        exited = asyncio.Event()
-        loop.add_reader(pidfd, exited.set)
-        try:
-            async with asyncio.timeout(limit):
-                await exited.wait()
-        except TimeoutError:
-            return None
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-        # The pidfd is readable once the child has exited: this wait is immediate.
-        return proc.wait()
+        assert self._proc is not None
+        return await wait_for_exit(self._proc, limit)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -445,16 +427,6 @@ class NatsServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-async def _poll_exit(proc: subprocess.Popen[bytes], limit: float | None) -> int | None:
-    # Fallback for kernels without pidfd_open (before Linux 5.3).
-    deadline = None if limit is None else time.monotonic() + limit
-    while proc.poll() is None:
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
-        await asyncio.sleep(_POLL)
-    return proc.returncode
 
 
 def _probe_context(settings: ServerSettings) -> ssl.SSLContext:

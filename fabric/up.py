@@ -56,6 +56,7 @@ from fabric.connect import ENV_CA, ENV_CERT, ENV_KEY, ENV_URL
 from fabric.env import ENV_FILE, ENV_STATE_DIR, ENV_TOKEN_KEY, FabricEnv, write_env_file
 from fabric.nats_server import NatsServer, NatsServerError
 from fabric.pki import PkiError, init_pki, issue_identity, load_inventory
+from fabric.procwait import wait_for_exit
 from fabric.tokens import SIGNING_KEY, SIGNING_PUB
 from schemas.discovery import DiscoverRequest
 from schemas.node import NodeState
@@ -202,7 +203,7 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # Popen (one fork/exec) rather than asyncio's subprocess: waiting is
-            # done with a pidfd below, no child watcher thread involved.
+            # done with a pidfd (fabric.procwait), no child watcher thread involved.
             self._proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -226,38 +227,9 @@ class Child:
 
     async def wait(self, limit: float | None = None) -> int | None:
         """Exit code once it has exited, None on timeout (or if never started)."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
-        if proc.poll() is not None:
-            return proc.returncode
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except OSError:
-            return await self._poll(limit)
-        loop = asyncio.get_running_loop()
-        exited = asyncio.Event()
-        loop.add_reader(pidfd, exited.set)
-        try:
-            async with asyncio.timeout(limit):
-                await exited.wait()
-        except TimeoutError:
-            return None
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-        return proc.wait()  # readable pidfd: it has exited, this does not block
-
-    async def _poll(self, limit: float | None) -> int | None:
-        proc = self._proc
-        assert proc is not None
-        loop = asyncio.get_running_loop()
-        deadline = None if limit is None else loop.time() + limit
-        while proc.poll() is None:
-            if deadline is not None and loop.time() >= deadline:
-                return None
-            await asyncio.sleep(_POLL)
-        return proc.returncode
+        return await wait_for_exit(self._proc, limit)
 
     def signal(self, sig: signal.Signals) -> None:
         if self._proc is not None and self._proc.poll() is None:
