@@ -37,17 +37,10 @@ from schemas.command import (
     StopAgent,
     TailLogs,
 )
-from schemas.errors import ContractError, ErrorCode, ErrorReply
+from schemas.errors import ContractError, ErrorCode
 from schemas.ids import validate_id
 
 __all__ = ["OP_SCOPES", "CommandHandler", "SupervisorControl"]
-
-_MAX_MESSAGE = 2048  # ErrorReply.message's limit
-
-
-def _clip(message: str) -> str:
-    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 3] + "..."
-
 
 # The scope a token needs for each op.
 OP_SCOPES: dict[type, str] = {
@@ -145,9 +138,7 @@ class CommandHandler:
                     verified_by=claims.sub if claims is not None else None,
                 )
             )
-        # The message may echo the sender's input (an unknown field, a bad value):
-        # clipped to what ErrorReply allows, or the reply itself breaks the contract.
-        return encode(ErrorReply(code=exc.code, message=_clip(exc.message)))
+        return encode(exc.to_reply())
 
     def _authorise(self, command: AgentCommand | NodeCommand, agent_id: str | None) -> Claims:
         claims = self._verifier.verify(

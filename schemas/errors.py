@@ -15,7 +15,10 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["ContractError", "ErrorCode", "ErrorReply"]
+__all__ = ["MAX_ERROR_MESSAGE", "ContractError", "ErrorCode", "ErrorReply"]
+
+MAX_ERROR_MESSAGE = 2048
+"""The longest human text an :class:`ErrorReply` carries."""
 
 
 class ErrorCode(StrEnum):
@@ -57,11 +60,16 @@ class ContractError(Exception):
         return f"{self.code.value}: {self.message}"
 
     def to_reply(self) -> ErrorReply:
-        return ErrorReply(code=self.code, message=self.message)
+        # The wire caps the text; a long one (a decoder quoting a huge field)
+        # is cut here rather than turned into a second, encoding error.
+        message = self.message
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 1] + "…"
+        return ErrorReply(code=self.code, message=message)
 
 
 class ErrorReply(msgspec.Struct, forbid_unknown_fields=True, tag="error", tag_field="kind"):
     """The reply to any request that was refused."""
 
     code: ErrorCode
-    message: Annotated[str, msgspec.Meta(max_length=2048)]
+    message: Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE)]

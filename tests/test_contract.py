@@ -41,7 +41,7 @@ from schemas.api import (
 from schemas.command import CommandResult, PlaceAgent, SignalAgent, StopAgent
 from schemas.contract import CHANNELS, MESSAGES, ApiRequest
 from schemas.discovery import DiscoverReply, DiscoverRequest, NodeRecord
-from schemas.errors import ContractError, ErrorCode, ErrorReply
+from schemas.errors import MAX_ERROR_MESSAGE, ContractError, ErrorCode, ErrorReply
 from schemas.event import make_event
 from schemas.generate import _PARAM_DOC, stale_files
 from schemas.ids import validate_id
@@ -414,3 +414,12 @@ def test_every_api_request_fits_the_api_channel_message() -> None:
 def test_generated_files_are_fresh() -> None:
     stale = stale_files()
     assert not stale, f"run `python -m schemas.generate`; stale: {[p.name for p in stale]}"
+
+
+def test_a_refusal_quoting_huge_input_still_fits_the_wire() -> None:
+    exc = ContractError(ErrorCode.INVALID_PAYLOAD, "bad field: " + "x" * 10_000)
+    reply = codec.decode_reply(codec.encode(exc.to_reply()))
+    assert isinstance(reply, ErrorReply)
+    assert reply.code is ErrorCode.INVALID_PAYLOAD
+    assert len(reply.message) == MAX_ERROR_MESSAGE
+    assert reply.message.startswith("bad field: xxx")

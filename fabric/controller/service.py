@@ -399,9 +399,7 @@ class Controller:
         except ContractError as exc:
             self.refused[exc.code.value] += 1
             self._audit(req, exc.code)
-            # The message may echo the caller's input: clipped to ErrorReply's 2048.
-            message = exc.message if len(exc.message) <= 2048 else exc.message[:2045] + "..."
-            reply = ErrorReply(code=exc.code, message=message)
+            reply = exc.to_reply()
         except (nats.js.errors.ServiceUnavailableError, TimeoutError) as exc:
             # JetStream is electing a leader or a server is going: nothing was
             # changed, and every request here is safe to repeat.
