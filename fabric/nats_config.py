@@ -7,9 +7,12 @@ Two files per server:
   are mutual TLS too and accept only the server certificate, optionally an
   HTTPS monitoring port on loopback. There is no plaintext listener at all.
 * ``auth.conf`` (:func:`render_authorization`), included by the main config:
-  one user per active identity, named by the certificate DN, with that role's
+  one user per active identity, named by the DN of the identity's latest
+  certificate (which carries that certificate's serial, so a revoked or
+  replaced certificate of the same name maps to no user), with that role's
   permissions. Issuing or revoking an identity rewrites only this file and the
-  running server reloads it (SIGHUP) without a restart.
+  running server reloads it (SIGHUP) without a restart; the reload also closes
+  live connections whose certificate no longer maps to a user.
 """
 
 from __future__ import annotations
@@ -236,7 +239,11 @@ def _leaf_block(s: ServerSettings, leaf: LeafSettings) -> list[str]:
 
 
 def render_users(identities: Iterable[Identity]) -> str:
-    """The ``authorization`` block for ``identities`` (each mapped by its DN)."""
+    """The ``authorization`` block for ``identities`` (each mapped by its DN).
+
+    Permissions follow the identity's name and role, never its serial: a
+    re-issued node keeps ``nodes.<node_id>.>`` under its new DN.
+    """
     lines = [
         "# agent-fabric users: generated from the PKI inventory, do not edit by hand.",
         "authorization {",
@@ -246,7 +253,8 @@ def render_users(identities: Iterable[Identity]) -> str:
     ]
     for ident in sorted(identities, key=lambda i: i.name):
         perms = permissions_for(ident.role, ident.name).to_config()
-        lines.append(f"    # {ident.name} ({ident.role})")
+        serial = f", serial {ident.serial}" if ident.serial else ", DN without serial"
+        lines.append(f"    # {ident.name} ({ident.role}{serial})")
         lines.append(f"    {{user: {_q(ident.dn)}, permissions: {json.dumps(perms)}}}")
     lines += ["  ]", "}", ""]
     return "\n".join(lines)

@@ -9,10 +9,20 @@ One directory holds everything::
     inventory.json            every identity issued, with its revocation mark
 
 nats-server maps a client certificate to a user by its subject DN
-(``verify_and_map``), so client certificates carry no SAN and a subject of
-exactly ``CN=<name>,OU=<role>,O=agent-fabric``. The user list the server loads
-is generated from :func:`active_identities`; revoking an identity only marks it
-in the inventory, and the regenerated user list drops it.
+(``verify_and_map``; every RDN must match, in any order), so client
+certificates carry no SAN and a subject of exactly
+``serialNumber=<serial>,CN=<name>,OU=<role>,O=agent-fabric``, where
+``<serial>`` is the certificate's own serial number in lowercase hex. The user
+list the server loads is generated from :func:`active_identities`: one user
+per name, for the name's latest certificate only. So each certificate is its
+own user: revoking a name drops its user, and issuing the name again lists the
+new certificate's DN, never the old one, so a revoked or replaced certificate
+stays refused whatever happens to its name later.
+
+Identities issued before the serial went into the DN (``serial_in_dn`` false
+in the inventory) keep their old ``CN=<name>,OU=<role>,O=agent-fabric`` user
+until they are issued again; that DN is shared by every certificate ever made
+for the name, so re-issue them (``fabric pki issue --force``) to close it.
 
 Every key is ECDSA P-256: both nats-server (Go) and Python's ``ssl`` accept it.
 """
@@ -50,6 +60,7 @@ __all__ = [
     "issue_identity",
     "load_inventory",
     "revoke_identity",
+    "subject_dn",
     "write_file_atomic",
 ]
 
@@ -85,23 +96,40 @@ class Identity:
     role: str
     cert: Path
     key: Path
+    serial: str | None = None
+    """Lowercase hex serial carried in the subject (``serialNumber``); None for an
+    identity issued before that (its DN is shared by every certificate of the name)."""
 
     @property
     def dn(self) -> str:
-        # The exact string nats-server's verify_and_map compares against the
-        # configured user; names and roles are id-shaped, so no escaping.
-        return f"CN={self.name},OU={self.role},O={ORGANIZATION}"
+        # The string nats-server's verify_and_map compares against the
+        # configured user (RFC 4514 order, most specific first); names, roles
+        # and hex serials need no escaping.
+        dn = f"CN={self.name},OU={self.role},O={ORGANIZATION}"
+        return dn if self.serial is None else f"serialNumber={self.serial},{dn}"
+
+
+MAX_REPLACED = 32
+"""How many earlier serials of one name the inventory remembers (for ``fabric pki list``)."""
 
 
 class InventoryEntry(msgspec.Struct, frozen=True):
-    """One issued identity. ``serial`` is lowercase hex: a 159-bit int does not survive JSON
-    readers that use doubles."""
+    """One issued identity: the latest certificate of its name.
+
+    ``serial`` is lowercase hex: a 159-bit int does not survive JSON readers
+    that use doubles. ``serial_in_dn``: the certificate's subject carries the
+    serial, so the server's user is this certificate alone (false for
+    identities issued by older versions). ``replaced``: serials of earlier
+    certificates of this name, newest last; none of them is accepted any more.
+    """
 
     name: str
     role: str
     serial: str
     not_after: str
     revoked: bool = False
+    serial_in_dn: bool = False
+    replaced: tuple[str, ...] = ()
 
 
 # -- files --------------------------------------------------------------------
@@ -217,12 +245,19 @@ def _no_ca_error(pki_dir: Path) -> PkiError:
 # -- certificates -------------------------------------------------------------
 
 
-def _name(common_name: str, unit: str | None = None) -> x509.Name:
+def _name(common_name: str, unit: str | None = None, serial: str | None = None) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
     if unit is not None:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    if serial is not None:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
     return x509.Name(attrs)
+
+
+def subject_dn(cert: x509.Certificate) -> str:
+    """A certificate's subject in the form :attr:`Identity.dn` and nats-server use."""
+    return cert.subject.rfc4514_string({NameOID.SERIAL_NUMBER: "serialNumber"})
 
 
 def _leaf_key_usage() -> x509.KeyUsage:
@@ -305,6 +340,7 @@ def _make_leaf(
     now: dt.datetime,
     usages: Sequence[x509.ObjectIdentifier],
     sans: Sequence[x509.GeneralName],
+    serial: int | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     # A certificate cannot be trusted past its issuer, so it is not made to claim so.
@@ -314,7 +350,7 @@ def _make_leaf(
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -376,13 +412,18 @@ def _write_inventory(pki_dir: Path, entries: Sequence[InventoryEntry], *, force:
 
 
 def active_identities(pki_dir: Path) -> list[Identity]:
-    """The identities nats-server should accept: issued here and not revoked."""
+    """The identities nats-server should accept: issued here and not revoked.
+
+    Each is the latest certificate of its name; with ``serial_in_dn`` its DN
+    names that certificate only.
+    """
     return [
         Identity(
             name=entry.name,
             role=entry.role,
             cert=pki_dir / f"{entry.name}.crt",
             key=pki_dir / f"{entry.name}.key",
+            serial=entry.serial if entry.serial_in_dn else None,
         )
         for entry in load_inventory(pki_dir)
         if not entry.revoked
@@ -450,7 +491,10 @@ def issue_identity(
     """Issue ``<name>.crt`` / ``<name>.key``: a client certificate for one user of ``role``.
 
     The certificate has the clientAuth usage only and no SAN, so nats-server
-    maps it by its DN (:attr:`Identity.dn`). It never outlives the CA.
+    maps it by its DN (:attr:`Identity.dn`), which carries the certificate's
+    serial. With ``force`` the name's earlier certificate (revoked or not) is
+    replaced: once the server reloads, only the new one is accepted. It never
+    outlives the CA.
     """
     _check_role(role)
     _check_name(name)
@@ -467,21 +511,31 @@ def issue_identity(
                 f"an identity named {name!r} was already issued in {pki_dir}:"
                 " use --force to issue it again"
             )
+        serial = x509.random_serial_number()
+        hex_serial = f"{serial:x}"
+        identity = Identity(
+            name=name, role=role, cert=identity.cert, key=identity.key, serial=hex_serial
+        )
         cert, key = _make_leaf(
             ca,
-            _name(name, unit=role),
+            _name(name, unit=role, serial=hex_serial),
             days=days,
             now=dt.datetime.now(dt.UTC),
             usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
             sans=(),
+            serial=serial,
         )
         write_file_atomic(identity.key, _key_pem(key), mode=0o600, force=force)
         write_file_atomic(identity.cert, _cert_pem(cert), mode=0o644, force=force)
+        previous = next((e for e in entries if e.name == name), None)
+        replaced = () if previous is None else (*previous.replaced, previous.serial)
         entry = InventoryEntry(
             name=name,
             role=role,
-            serial=f"{cert.serial_number:x}",
+            serial=hex_serial,
             not_after=_rfc3339(cert.not_valid_after_utc),
+            serial_in_dn=True,
+            replaced=replaced[-MAX_REPLACED:],
         )
         _write_inventory(pki_dir, [*(e for e in entries if e.name != name), entry], force=True)
     return identity
@@ -491,7 +545,9 @@ def revoke_identity(pki_dir: Path, name: str) -> None:
     """Mark ``name`` revoked in the inventory; its files stay where they are.
 
     Revocation takes effect when the server's user list is regenerated from
-    :func:`active_identities`: nats-server then maps the certificate to no user.
+    :func:`active_identities`: nats-server then maps the certificate to no user
+    (and closes its live connections). Issuing the name again later lists the
+    new certificate's DN only, so this certificate stays refused.
     """
     if not (pki_dir / _CA_CERT).is_file():
         raise _no_ca_error(pki_dir)

@@ -60,6 +60,13 @@ class FabricPki:
         self.identities[name] = ident
         return ident
 
+    def issue_again(self, role: str, name: str) -> Identity:
+        """Replace ``name``'s certificate (``--force``): the old one is refused
+        after the next reload."""
+        ident = issue_identity(self.dir, role, name, force=True)
+        self.identities[name] = ident
+        return ident
+
 
 def make_pki(pki_dir: Path, identities: dict[str, str] | None = None) -> FabricPki:
     """``init_pki`` in ``pki_dir`` plus ``identities`` (default :data:`IDENTITIES`)."""

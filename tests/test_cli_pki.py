@@ -45,9 +45,10 @@ def test_init_issue_revoke_list(pki_dir: Path, capsys: pytest.CaptureFixture[str
     assert main(["pki", "list", "--dir", str(pki_dir)]) == 0
     table = capsys.readouterr().out.splitlines()
 
+    node_serial = listed[0]["serial"]
     assert issued.strip() == (
         f"wrote {pki_dir / 'node-1.crt'} and {pki_dir / 'node-1.key'}"
-        " (CN=node-1,OU=node,O=agent-fabric)"
+        f" (serialNumber={node_serial},CN=node-1,OU=node,O=agent-fabric)"
     )
     assert [(e["name"], e["role"], e["revoked"]) for e in listed] == [
         ("node-1", "node", True),
@@ -57,6 +58,18 @@ def test_init_issue_revoke_list(pki_dir: Path, capsys: pytest.CaptureFixture[str
     assert table[1].split()[:2] == ["node-1", "node"]
     assert "revoked" in table[1]
     assert "active" in table[2]
+
+    # Issued again: the new certificate is active, the revoked one listed as replaced.
+    assert main(["pki", "issue", "--dir", str(pki_dir), "--role", "node", "node-1", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["pki", "list", "--dir", str(pki_dir)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[-2]) for r in rows] == [
+        ("bob", "active"),
+        ("node-1", "active"),
+        ("node-1", "replaced"),
+    ]
+    assert rows[2][-1] == node_serial
 
 
 def test_init_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -329,7 +329,7 @@ def test_cli_config_renders_valid_cluster_configs(
     sections = dict(zip(parts[1::2], parts[2::2], strict=True))
     assert len(sections) == 4
     auth = next(text for title, text in sections.items() if title.startswith("auth.conf"))
-    assert 'user: "CN=n1,OU=node,O=agent-fabric"' in auth
+    assert f'user: "serialNumber={pki["n1"].serial},CN=n1,OU=node,O=agent-fabric"' in auth
     (tmp_path / "auth.conf").write_text(auth)
     for i, (title, text) in enumerate(sections.items()):
         if title.startswith("server"):

@@ -22,6 +22,7 @@ from fabric.pki import (
     issue_identity,
     load_inventory,
     revoke_identity,
+    subject_dn,
     write_file_atomic,
 )
 
@@ -85,7 +86,7 @@ def test_mutual_tls_handshake_with_python_ssl(pki_dir: Path) -> None:
 
     peer = end.getpeercert(binary_form=True)
     assert peer is not None
-    assert x509.load_der_x509_certificate(peer).subject.rfc4514_string() == identity.dn
+    assert subject_dn(x509.load_der_x509_certificate(peer)) == identity.dn
 
 
 def test_client_certificate_refused_by_another_ca(pki_dir: Path, tmp_path: Path) -> None:
@@ -136,12 +137,41 @@ def test_client_certificate_shape(pki_dir: Path) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     with pytest.raises(x509.ExtensionNotFound):
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert cert.subject.rfc4514_string() == identity.dn
+    assert subject_dn(cert) == identity.dn
+    # The DN carries the certificate's own serial: one certificate, one user.
+    assert identity.serial == f"{cert.serial_number:x}"
+    assert identity.dn == f"serialNumber={identity.serial},CN=alice,OU=operator,O=agent-fabric"
 
 
 def test_identity_dn() -> None:
-    identity = Identity(name="node-1", role="node", cert=Path("a"), key=Path("b"))
-    assert identity.dn == "CN=node-1,OU=node,O=agent-fabric"
+    legacy = Identity(name="node-1", role="node", cert=Path("a"), key=Path("b"))
+    assert legacy.dn == "CN=node-1,OU=node,O=agent-fabric"
+    pinned = Identity(name="node-1", role="node", cert=Path("a"), key=Path("b"), serial="ab01")
+    assert pinned.dn == "serialNumber=ab01,CN=node-1,OU=node,O=agent-fabric"
+
+
+def test_reissue_gives_a_new_dn_and_remembers_the_old_serial(pki_dir: Path) -> None:
+    first = issue_identity(pki_dir, "node", "node-1")
+    revoke_identity(pki_dir, "node-1")
+    second = issue_identity(pki_dir, "node", "node-1", force=True)
+    third = issue_identity(pki_dir, "node", "node-1", force=True)
+
+    assert len({first.dn, second.dn, third.dn}) == 3
+    [entry] = load_inventory(pki_dir)
+    assert (entry.serial, entry.revoked, entry.serial_in_dn) == (third.serial, False, True)
+    assert entry.replaced == (first.serial, second.serial)
+    assert active_identities(pki_dir) == [third]
+
+
+def test_an_inventory_from_an_older_version_still_loads(pki_dir: Path) -> None:
+    (pki_dir / "inventory.json").write_text(
+        '[{"name": "old-1", "role": "viewer", "serial": "1f", "not_after": "2099-01-01T00:00:00Z",'
+        ' "revoked": false}]'
+    )
+    [entry] = load_inventory(pki_dir)
+    assert (entry.serial_in_dn, entry.replaced) == (False, ())
+    [ident] = active_identities(pki_dir)
+    assert ident.serial is None and ident.dn == "CN=old-1,OU=viewer,O=agent-fabric"
 
 
 def test_file_modes(pki_dir: Path) -> None:

@@ -1,5 +1,8 @@
 """Transport: certificates the server must refuse beyond plaintext, none and another CA.
 
+Also revocation that holds: each certificate's DN carries its serial, so a
+revoked or replaced certificate stays refused when its name is issued again.
+
 (Plaintext, no certificate and another CA's certificate are in
 ``test_nats_server.py``, as is revoke-then-reload of a live identity.)
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from pathlib import Path
 
@@ -21,11 +25,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from natsfixtures import Clients, FabricPki, make_pki
+from natsfixtures import Clients, ErrorLog, FabricPki, make_pki
 
 from fabric.connect import ConnectError, connect
 from fabric.nats_server import NatsServer
-from fabric.pki import ORGANIZATION, issue_identity, revoke_identity
+from fabric.pki import (
+    ORGANIZATION,
+    active_identities,
+    issue_identity,
+    load_inventory,
+    revoke_identity,
+)
 
 DAY = dt.timedelta(days=1)
 
@@ -39,18 +49,26 @@ def _make_cert(
     name: str = "op-1",
     role: str = "operator",
 ) -> tuple[Path, Path]:
-    """A client certificate for ``name`` signed by the test CA, valid as told."""
+    """A client certificate for ``name`` signed by the test CA, valid as told.
+
+    For an identity the PKI issued, the subject is that certificate's own
+    (serial included), so the server maps it to that user; for any other
+    name it is the ``CN,OU,O`` subject older versions issued.
+    """
     ca_cert = x509.load_pem_x509_certificate((pki.dir / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((pki.dir / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-        ]
-    )
+    if name in pki.identities:
+        subject = x509.load_pem_x509_certificate(pki[name].cert.read_bytes()).subject
+    else:
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -141,15 +159,6 @@ async def test_a_certificate_outside_its_validity_is_refused(
     await _log_mentions(nats_server, "certificate has expired or is not yet valid")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "defect: users are mapped by DN only, so re-issuing a revoked name revives every "
-        "old certificate of that name; fix in fabric/pki.py + fabric/nats_config.py "
-        "(pinned_certs of the active identities' keys in the client tls block, hot "
-        "reloadable, or a per-certificate URI SAN as the user name)"
-    ),
-)
 async def test_an_identity_revoked_and_issued_again_does_not_revive_the_old_certificate(
     tmp_path: Path,
 ) -> None:
@@ -176,9 +185,114 @@ async def test_an_identity_revoked_and_issued_again_does_not_revive_the_old_cert
             await fresh.flush(timeout=5)
             try:
                 revived = await connect(server.url, ca=own.ca, cert=old_cert, key=old_key)
-            except ConnectError:
-                return
-            await revived.close()
-            pytest.fail("the revoked certificate connects again once its name is re-issued")
+            except ConnectError as exc:
+                assert "Authorization Violation" in str(exc)
+            else:
+                await revived.close()
+                pytest.fail("the revoked certificate connects again once its name is re-issued")
+            # The inventory says so: one active certificate, the old one replaced.
+            entry = next(e for e in load_inventory(own.dir) if e.name == "view-1")
+            assert not entry.revoked and entry.serial_in_dn
+            assert entry.replaced == (f"{_serial(old_cert):x}",)
         finally:
             await clients.aclose()
+
+
+def _serial(cert: Path) -> int:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+async def test_a_rotated_certificate_is_refused_and_its_live_connection_closed(
+    tmp_path: Path,
+) -> None:
+    """Re-issuing a name without revoking it (rotation, or a compromise handled
+    by issuing again) replaces the certificate: after the reload the old one
+    is dropped and refused, the new one connects with the same permissions
+    (a node still publishes only under its own ``nodes.<id>.``)."""
+    own = make_pki(tmp_path / "pki", {"ctl-1": "controller", "n1": "node"})
+    old = tmp_path / "old"
+    old.mkdir()
+    old_cert, old_key = old / "n1.crt", old / "n1.key"
+    old_cert.write_bytes(own["n1"].cert.read_bytes())
+    old_key.write_bytes(own["n1"].key.read_bytes())
+    async with NatsServer.local(own.dir, tmp_path / "state") as server:
+        clients = Clients(own, server.url)
+        try:
+            lost = asyncio.Event()
+
+            async def on_lost() -> None:
+                lost.set()
+
+            ctl = await clients("ctl-1")
+            live_old = await connect(
+                server.url, ca=own.ca, cert=old_cert, key=old_key, disconnected_cb=on_lost
+            )
+            clients._opened.append(live_old)
+            await live_old.flush(timeout=5)
+
+            fresh = own.issue_again("node", "n1")
+            assert fresh.serial is not None and fresh.serial != f"{_serial(old_cert):x}"
+            await server.reload()
+            async with asyncio.timeout(5):
+                await lost.wait()
+            with pytest.raises(ConnectError, match="Authorization Violation"):
+                await connect(server.url, ca=own.ca, cert=old_cert, key=old_key)
+
+            errors = ErrorLog()
+            node = await clients("n1", error_cb=errors)
+            sub = await ctl.subscribe("nodes.>")
+            await ctl.flush()
+            await node.publish("nodes.n1.heartbeat", b"mine")
+            await node.publish("nodes.n2.heartbeat", b"not mine")
+            await node.flush()
+            assert (await sub.next_msg(timeout=5)).data == b"mine"
+            await errors.wait_for('permissions violation for publish to "nodes.n2.heartbeat"')
+            # Nothing from nodes.n2 in between: the next message is the next own one.
+            await node.publish("nodes.n1.heartbeat", b"mine again")
+            assert (await sub.next_msg(timeout=5)).data == b"mine again"
+        finally:
+            await clients.aclose()
+
+
+async def test_a_certificate_from_an_older_version_works_until_its_name_is_reissued(
+    tmp_path: Path,
+) -> None:
+    """Migration: an identity issued before the serial was in the DN (subject
+    ``CN,OU,O`` only, inventory without ``serial_in_dn``) keeps working; once
+    its name is issued again, the old certificate is refused."""
+    own = make_pki(tmp_path / "pki", {"ctl-1": "controller"})
+    now = dt.datetime.now(dt.UTC)
+    legacy_cert, legacy_key = _make_cert(
+        own, own.dir, not_before=now - DAY, not_after=now + DAY, name="op-9", role="operator"
+    )
+    (own.dir / "inventory.json").write_text(
+        json.dumps(
+            [
+                *json.loads((own.dir / "inventory.json").read_text()),
+                {
+                    "name": "op-9",
+                    "role": "operator",
+                    "serial": f"{_serial(legacy_cert):x}",
+                    "not_after": "2099-01-01T00:00:00Z",
+                    "revoked": False,
+                },
+            ]
+        )
+    )
+    [legacy] = [i for i in active_identities(own.dir) if i.name == "op-9"]
+    assert legacy.serial is None and legacy.dn == "CN=op-9,OU=operator,O=agent-fabric"
+    async with NatsServer.local(own.dir, tmp_path / "state") as server:
+        nc = await connect(server.url, ca=own.ca, cert=legacy_cert, key=legacy_key)
+        await nc.flush(timeout=5)
+        await nc.close()
+        stash = tmp_path / "stash"
+        stash.mkdir()
+        (stash / "op-9.crt").write_bytes(legacy_cert.read_bytes())
+        (stash / "op-9.key").write_bytes(legacy_key.read_bytes())
+        issued = issue_identity(own.dir, "operator", "op-9", force=True)
+        await server.reload()
+        with pytest.raises(ConnectError, match="Authorization Violation"):
+            await connect(server.url, ca=own.ca, cert=stash / "op-9.crt", key=stash / "op-9.key")
+        nc = await connect(server.url, ca=own.ca, cert=issued.cert, key=issued.key)
+        await nc.flush(timeout=5)
+        await nc.close()

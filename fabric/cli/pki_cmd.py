@@ -13,6 +13,7 @@ import msgspec
 from fabric.cli import CommandFailed, UsageError
 from fabric.pki import (
     ROLES,
+    InventoryEntry,
     PkiError,
     init_pki,
     issue_identity,
@@ -53,12 +54,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     issue.add_argument("name", metavar="NAME", help="identity name (becomes the certificate CN)")
     issue.set_defaults(handler=_issue)
 
-    revoke = verbs.add_parser("revoke", help="mark an identity revoked")
+    revoke = verbs.add_parser(
+        "revoke", help="mark an identity revoked (its certificate stays refused if re-issued)"
+    )
     _add_dir(revoke)
     revoke.add_argument("name", metavar="NAME")
     revoke.set_defaults(handler=_revoke)
 
-    listing = verbs.add_parser("list", help="list issued identities")
+    listing = verbs.add_parser(
+        "list", help="list issued identities: active, revoked and replaced certificates"
+    )
     _add_dir(listing)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_list)
@@ -118,6 +123,14 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(entry: InventoryEntry) -> str:
+    if entry.revoked:
+        return "revoked"
+    # Issued by an older version: its DN is shared with every certificate
+    # ever made for the name; `fabric pki issue --force` gives it its own.
+    return "active" if entry.serial_in_dn else "active-legacy-dn"
+
+
 def _list(args: argparse.Namespace) -> int:
     with _pki_errors(args.dir):
         entries = load_inventory(args.dir)
@@ -125,10 +138,11 @@ def _list(args: argparse.Namespace) -> int:
         sys.stdout.write(msgspec.json.encode(entries).decode() + "\n")
         return 0
     rows = [("NAME", "ROLE", "NOT AFTER", "STATUS", "SERIAL")]
-    rows += [
-        (e.name, e.role, e.not_after, "revoked" if e.revoked else "active", e.serial)
-        for e in entries
-    ]
+    for e in entries:
+        rows.append((e.name, e.role, e.not_after, _status(e), e.serial))
+        # Earlier certificates of the name: never accepted again, whatever
+        # happens to the name (their DN carries their own serial).
+        rows += [(e.name, e.role, "-", "replaced", serial) for serial in reversed(e.replaced)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
