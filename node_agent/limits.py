@@ -5,8 +5,11 @@
 | memory_bytes | ``memory.max`` (kernel OOM)     | watchdog: tree RSS checked every metrics |
 |              |                                 | tick, restart above the ceiling          |
 | cpus         | ``cpu.max`` quota per 100 ms    | none                                     |
-| pids         | ``pids.max``                    | none: ``RLIMIT_NPROC`` counts every      |
-|              |                                 | process of the *user*, not of the agent  |
+| pids         | ``pids.max``                    | ``RLIMIT_NPROC`` when the agent runs as  |
+|              |                                 | a non-root ``user`` (it counts every     |
+|              |                                 | process of that user, so give the agent  |
+|              |                                 | a user of its own); else none (root is   |
+|              |                                 | exempt from ``RLIMIT_NPROC``)            |
 | open_files   | rlimit (cgroups have no fd cap) | ``RLIMIT_NOFILE`` set in the child       |
 
 ``RLIMIT_AS`` is deliberately not used for memory: it caps virtual address
@@ -20,6 +23,7 @@ The resulting mapping (limit name -> LimitMechanism) is what
 from __future__ import annotations
 
 import logging
+import pwd
 import resource
 
 from node_agent.cgroup import AgentCgroup
@@ -33,6 +37,7 @@ __all__ = [
     "memory_exceeded",
     "plan_limits",
     "rlimits_for",
+    "runs_unprivileged",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,12 @@ Plan = dict[str, LimitMechanism]
 RLimit = tuple[int, int, int]  # (resource, soft, hard)
 
 
-def plan_limits(limits: Limits, controllers: frozenset[str]) -> Plan:
-    """Mechanism for every limit the spec sets; ``controllers`` are those enabled for it."""
+def plan_limits(limits: Limits, controllers: frozenset[str], *, unprivileged: bool = False) -> Plan:
+    """Mechanism for every limit the spec sets; ``controllers`` are those enabled for it.
+
+    ``unprivileged``: the agent runs as a non-root user, so ``RLIMIT_NPROC``
+    binds it (the kernel exempts root).
+    """
     plan: Plan = {}
     if limits.memory_bytes is not None:
         plan["memory"] = (
@@ -52,7 +61,10 @@ def plan_limits(limits: Limits, controllers: frozenset[str]) -> Plan:
     if limits.cpus is not None:
         plan["cpus"] = LimitMechanism.CGROUP if "cpu" in controllers else LimitMechanism.NONE
     if limits.pids is not None:
-        plan["pids"] = LimitMechanism.CGROUP if "pids" in controllers else LimitMechanism.NONE
+        if "pids" in controllers:
+            plan["pids"] = LimitMechanism.CGROUP
+        else:
+            plan["pids"] = LimitMechanism.RLIMIT if unprivileged else LimitMechanism.NONE
     if limits.open_files is not None:
         plan["open_files"] = LimitMechanism.RLIMIT
     return plan
@@ -70,11 +82,14 @@ def cgroup_settings(limits: Limits, plan: Plan) -> dict[str, str]:
     return out
 
 
-def rlimits_for(limits: Limits) -> list[RLimit]:
+def rlimits_for(limits: Limits, plan: Plan | None = None) -> list[RLimit]:
     """rlimits to set in the child before exec (see spawn: why not prlimit after)."""
-    if limits.open_files is None:
-        return []
-    return [(resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)]
+    out: list[RLimit] = []
+    if limits.open_files is not None:
+        out.append((resource.RLIMIT_NOFILE, limits.open_files, limits.open_files))
+    if plan and plan.get("pids") is LimitMechanism.RLIMIT and limits.pids is not None:
+        out.append((resource.RLIMIT_NPROC, limits.pids, limits.pids))
+    return out
 
 
 def memory_exceeded(limits: Limits, plan: Plan, rss_bytes: int) -> bool:
@@ -86,9 +101,26 @@ def memory_exceeded(limits: Limits, plan: Plan, rss_bytes: int) -> bool:
     )
 
 
-def apply_limits(limits: Limits, cgroup: AgentCgroup | None) -> Plan:
+def runs_unprivileged(user: str | None) -> bool:
+    """Whether the agent runs as a user of its own that is not root.
+
+    An agent without ``user`` shares the node agent's user: ``RLIMIT_NPROC``
+    would then count the node agent and every other agent too, so it is not
+    used.
+    """
+    if user is None:
+        return False
+    try:
+        return pwd.getpwnam(user).pw_uid != 0
+    except KeyError:
+        return False  # the spawn fails and says why
+
+
+def apply_limits(limits: Limits, cgroup: AgentCgroup | None, user: str | None = None) -> Plan:
     """Plan the limits for an agent's cgroup (or none) and write the cgroup's part."""
-    plan = plan_limits(limits, cgroup.controllers() if cgroup is not None else frozenset())
+    controllers = cgroup.controllers() if cgroup is not None else frozenset()
+    unprivileged = limits.pids is not None and runs_unprivileged(user)
+    plan = plan_limits(limits, controllers, unprivileged=unprivileged)
     if cgroup is not None:
         for name, value in cgroup_settings(limits, plan).items():
             try:

@@ -429,7 +429,7 @@ class Supervisor:
                 stdout=out,
                 stderr=err,
                 extra_env=env,
-                rlimits=rlimits_for(spec.limits),
+                rlimits=rlimits_for(spec.limits, a.plan),
                 cgroup_procs=a.cgroup.procs_file if a.cgroup is not None else None,
             )
         except (OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
@@ -688,7 +688,7 @@ class Supervisor:
             except OSError as exc:
                 log.warning("no cgroup for %s: %s", a.id, exc)
                 a.cgroup = None
-        a.plan = apply_limits(a.spec.limits, a.cgroup)
+        a.plan = apply_limits(a.spec.limits, a.cgroup, a.spec.user)
 
     # -- process trees -------------------------------------------------------------
 
