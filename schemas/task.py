@@ -34,7 +34,17 @@ class Task(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     deadline: Timestamp | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     submitted_by: ShortText = ""
+    """Who submitted it. A controller replaces it with the subject of ``token``
+    once verified; without a token it is the submitter's unchecked word."""
     submitted_at: Timestamp | None = None
+    token: Annotated[str, msgspec.Meta(max_length=8192)] | None = None
+    """A short-lived token with scope ``tasks:submit`` (fabric.tokens), checked by
+    the controller that takes the task; never passed on to the worker."""
+    retry: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    """0 for a first submission; n for an operator's n-th retry of a dead task
+    (``fabric task dead retry``): its record is reset with a new attempt budget,
+    and the message id is ``<id>.retry<n>`` so the duplicate window of the
+    first submission does not swallow it."""
 
 
 class TaskAssignment(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -197,7 +197,9 @@ async def _fleet_moves(client: FabricClient, scrape: Scraper, fleet: Fleet) -> N
     await eventually("pm's restart counted", restarted)
 
     # A task no agent serves waits in the queue: the backlog of its type shows it.
-    await TaskClient(client.nc, submitted_by="test").submit("pmnobody", {"n": 1})
+    # `fabric controller run` refuses untokened tasks: this one carries a submit token.
+    tasks = TaskClient(client.nc, token=lambda: client.mint(["tasks:submit"]))
+    await tasks.submit("pmnobody", {"n": 1})
 
     async def queued() -> bool:
         return value(await scrape(), "fabric_task_backlog", type="pmnobody") == 1

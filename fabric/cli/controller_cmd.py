@@ -48,6 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics (0: any port)"
     )
     run.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="(127.0.0.1)")
+    run.add_argument(
+        "--allow-root-agents",
+        action="store_true",
+        help="admit specs whose user or group is root (default: refuse, spec_root_forbidden;"
+        " each node also needs fabric-node --allow-root-agents)",
+    )
+    run.add_argument(
+        "--allow-untokened-tasks",
+        action="store_true",
+        help="admit tasks that carry no submit token (default: refuse them, token_missing)",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(handler=_run)
 
@@ -84,6 +95,8 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
         heartbeat_interval=_seconds(args.heartbeat_interval, "--heartbeat-interval"),
         lease_ttl=lease_ttl,
         streams=StreamSettings(replicas=replicas or None, lease_ttl=lease_ttl),
+        allow_root_agents=args.allow_root_agents,
+        require_submit_token=not args.allow_untokened_tasks,
     )
 
 

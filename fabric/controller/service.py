@@ -67,6 +67,8 @@ from fabric.controller.reconcile import (
 )
 from fabric.controller.registry import Guard, Mirror, NodeEntry, delete, mutate, read, write
 from fabric.controller.streams import Buckets, StreamSettings, ensure_state
+from fabric.spec_policy import check_spec
+from fabric.tasks.admission import Admission, attach
 from fabric.tasks.dispatch import Dispatcher
 from fabric.tokens import Claims, TokenIssuer, TokenVerifier
 from schemas import subjects
@@ -139,7 +141,13 @@ class ControllerConfig:
     """Nodes a pass may look at while searching placements (about 50 ms of work)."""
     command_timeout: float = 2.0
     command_token_ttl: float = 30.0
+    allow_root_agents: bool = False
+    """Admit specs whose user or group is named root (nodes check again, by uid)."""
     streams: StreamSettings = field(default_factory=StreamSettings)
+    require_submit_token: bool = False
+    """Refuse tasks that carry no submit token (fabric.tasks.admission). Off here
+    so a controller built in code accepts the SDK's untokened tasks; `fabric
+    controller run` (and so `fabric up`) turns it on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +325,14 @@ class Controller:
                 tg.create_task(self._loop())
                 # Task queues: every controller dispatches (issue 5).
                 self.dispatcher = Dispatcher.for_controller(self)
+                attach(
+                    self.dispatcher,
+                    Admission.from_files(
+                        *self.config.verify_keys,
+                        require_token=self.config.require_submit_token,
+                        on_refused=self._task_refused,
+                    ),
+                )
                 tg.create_task(self.dispatcher.run())
                 self.started.set()
         finally:
@@ -429,6 +445,11 @@ class Controller:
             op = tokens[-1]
             target = tokens[1] if len(tokens) == 3 else None
         self.audit(Refusal.of(code, subject, req.data, op=op, target=target))
+
+    def _task_refused(self, refusal: Refusal) -> None:
+        """A task the admission refused: counted and audited like a refused request."""
+        self.refused[refusal.code.value] += 1
+        self.audit(refusal)
 
     async def _on_register(self, req: Request) -> None:
         await self._answer(req, lambda: self._register(req.subject, req.data))
@@ -634,6 +655,9 @@ class Controller:
                 raise _not_found("deployment", request.name)
             return ApiResult(method=method, deployments=[found[0]])
         name = request.deployment.name if hasattr(request, "deployment") else request.name
+        if isinstance(request, CreateDeployment | UpdateDeployment):
+            # Spec abuse is refused here, at `fabric run` time; nodes check again.
+            check_spec(request.deployment.spec, allow_root_agents=self.config.allow_root_agents)
         if isinstance(request, CreateDeployment):
             self._check_ids_free(request.deployment)
         change = _CHANGES[type(request)]

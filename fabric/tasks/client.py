@@ -2,9 +2,17 @@
 
 ::
 
-    tasks = TaskClient(nc, submitted_by="op-1")
+    tasks = TaskClient(nc, submitted_by="op-1", token=lambda: issuer.mint("op-1", ["tasks:submit"]))
     sub = await tasks.submit("summarize", {"text": "..."})
     record = await tasks.wait(sub.task.id, within=30)
+    waiting = await tasks.list_records(pending=True)
+    letters = await tasks.dead()
+    again = await tasks.retry(letters[0].task.id)
+
+``token`` mints a fresh submit token (scope ``tasks:submit``) per task: the
+controller takes the submitter from it (:mod:`fabric.tasks.admission`), and a
+controller run by ``fabric up`` refuses a task without one. ``submitted_by``
+is only a fallback name for controllers that admit untokened tasks.
 
 :meth:`TaskClient.submit` returns only once JetStream has stored the task
 (its PubAck); the task id is the ``Nats-Msg-Id``, so submitting the same id
@@ -16,8 +24,9 @@ id or type), ``payload_too_large`` (the encoded task above
 that is not JSON-encodable, a field out of range).
 
 The submitter needs publish on ``tasks.*.queue`` and JetStream API access
-(the operator role); reading records needs read access to the
-``fabric_tasks`` bucket.
+(the operator role); reading records and dead letters uses short-lived
+ephemeral pull consumers (no acks, no flow control) on ``KV_fabric_tasks``
+and ``TASKS_DEAD``, which the operator's JetStream API right covers.
 """
 
 from __future__ import annotations
@@ -25,25 +34,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from fabric.connect import js_publish
-from fabric.tasks.records import TaskRecord, decode_record
-from fabric.tasks.stream import RECORDS_BUCKET, TASKS_STREAM, direct_subject
+from fabric.tasks.records import DeadTask, TaskRecord, TaskState, decode_record
+from fabric.tasks.stream import (
+    DEAD_STREAM,
+    DEAD_SUBJECTS,
+    RECORDS_BUCKET,
+    TASKS_STREAM,
+    dead_subject,
+    direct_subject,
+)
 from schemas import subjects
+from schemas.codec import decode
 from schemas.common import utc_now
 from schemas.errors import ContractError, ErrorCode
 from schemas.ids import validate_id
 from schemas.task import MAX_TASK_PAYLOAD_BYTES, Task
 
-__all__ = ["Submitted", "TaskClient", "make_task", "new_task_id"]
+__all__ = ["DeadLetter", "Submitted", "TaskClient", "make_task", "msg_id", "new_task_id"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -62,6 +82,8 @@ def make_task(
     deadline: datetime | None = None,
     max_attempts: int = 3,
     submitted_by: str = "",
+    token: str | None = None,
+    retry: int = 0,
 ) -> tuple[Task, bytes]:
     """The task and its encoded bytes, checked as a dispatcher will check them."""
     validate_id(task_type, "task type")
@@ -74,6 +96,8 @@ def make_task(
                 "priority": priority,
                 "max_attempts": max_attempts,
                 "submitted_by": submitted_by,
+                "token": token,
+                "retry": retry,
             },
             Task,
         )
@@ -96,6 +120,31 @@ def make_task(
     return task, data
 
 
+def msg_id(task: Task) -> str:
+    """The task's ``Nats-Msg-Id``: its id, or ``<id>.retry<n>`` for the n-th retry
+    (a retry must not fall into the first submission's duplicate window)."""
+    return task.id if not task.retry else f"{task.id}.retry{task.retry}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One message of stream ``TASKS_DEAD`` and the task's record now, if any."""
+
+    sequence: int
+    letter: DeadTask
+    record: TaskRecord | None = None
+
+    @property
+    def task(self) -> Task:
+        return self.letter.task
+
+    @property
+    def retried(self) -> bool:
+        """Brought back by a retry that has not died again (queued, running or done)."""
+        record = self.record
+        return record is not None and record.retries > 0 and record.state is not TaskState.DEAD
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     task: Task
@@ -109,10 +158,18 @@ class Submitted:
 class TaskClient:
     """Submit, read and follow tasks over one NATS connection."""
 
-    def __init__(self, nc: Client, *, submitted_by: str = "") -> None:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        submitted_by: str = "",
+        token: Callable[[], str] | None = None,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.submitted_by = submitted_by
+        self.token = token
+        """Mints one fresh submit token per task (None: tasks go without one)."""
         self._kv: KeyValue | None = None
 
     async def submit(
@@ -125,6 +182,7 @@ class TaskClient:
         deadline: datetime | None = None,
         max_attempts: int = 3,
         within: float = 30.0,
+        retry: int = 0,
     ) -> Submitted:
         """Store one task in the queue; returns once JetStream acknowledged it."""
         task, data = make_task(
@@ -135,12 +193,14 @@ class TaskClient:
             deadline=deadline,
             max_attempts=max_attempts,
             submitted_by=self.submitted_by,
+            token=self.token() if self.token is not None else None,
+            retry=retry,
         )
         ack = await js_publish(
             self.js,
             subjects.task_queue(task.type),
             data,
-            msg_id=task.id,
+            msg_id=msg_id(task),
             stream=TASKS_STREAM,
             deadline=within,
         )
@@ -177,8 +237,11 @@ class TaskClient:
             return None
         return None if entry.value is None else decode_record(entry.value)
 
-    async def wait(self, task_id: str, *, within: float | None = None) -> TaskRecord:
-        """Follow the task's record until it is final (succeeded or dead).
+    async def wait(
+        self, task_id: str, *, within: float | None = None, retry: int = 0
+    ) -> TaskRecord:
+        """Follow the task's record until it is final (succeeded, dead or refused);
+        with ``retry`` = n, the end of the run that retry n started.
 
         Raises ``ContractError(TIMEOUT)`` after ``within`` seconds (None: no limit).
         """
@@ -191,7 +254,7 @@ class TaskClient:
                     if entry is None or entry.value is None:
                         continue
                     record = decode_record(entry.value)
-                    if record.final:
+                    if record.final and record.retries >= retry:
                         return record
         except TimeoutError:
             raise ContractError(
@@ -202,9 +265,148 @@ class TaskClient:
                 await watcher.stop()  # type: ignore[no-untyped-call]
         raise ContractError(ErrorCode.UNAVAILABLE, "the record watch ended")
 
+    async def list_records(
+        self,
+        *,
+        task_type: str | None = None,
+        state: TaskState | None = None,
+        pending: bool = False,
+        limit: int | None = None,
+    ) -> list[TaskRecord]:
+        """Task records, oldest submission first; ``limit`` keeps the newest.
+
+        ``pending``: tasks not final and not running (queued or failed and
+        waiting for a retry); their ``waiting`` says why.
+        """
+        if task_type is not None:
+            validate_id(task_type, "task type")
+        await self.records()  # a clear error when there is no bucket yet
+        stream = f"KV_{RECORDS_BUCKET}"
+        out: list[TaskRecord] = []
+        for _, data in await _read(self.js, stream, f"$KV.{RECORDS_BUCKET}.>", last=True):
+            if not data:
+                continue  # a deleted or purged key
+            try:
+                record = decode_record(data)
+            except ContractError:
+                continue  # written by a newer fabric, or damaged: not this listing's job
+            if task_type is not None and record.type != task_type:
+                continue
+            if state is not None and record.state is not state:
+                continue
+            if pending and (record.final or record.state is TaskState.RUNNING):
+                continue
+            out.append(record)
+        out.sort(key=lambda r: (r.submitted_at or r.updated_at, r.id))
+        return out[-limit:] if limit else out
+
+    async def dead(self, task_type: str | None = None) -> list[DeadLetter]:
+        """The dead letters (oldest first), one per task id (its latest), each with
+        the task's current record."""
+        subject = DEAD_SUBJECTS if task_type is None else dead_subject(task_type)
+        letters: dict[str, DeadLetter] = {}
+        for seq, data in await _read(self.js, DEAD_STREAM, subject, last=False):
+            try:
+                letter = decode(data, DeadTask, max_bytes=4 * MAX_TASK_PAYLOAD_BYTES)
+            except ContractError:
+                continue
+            letters.pop(letter.task.id, None)  # a later letter of the same task wins
+            letters[letter.task.id] = DeadLetter(seq, letter)
+        if not letters:
+            return []
+        records = await asyncio.gather(*(self._get_quiet(i) for i in letters))
+        return [
+            DeadLetter(d.sequence, d.letter, record)
+            for d, record in zip(letters.values(), records, strict=True)
+        ]
+
+    async def _get_quiet(self, task_id: str) -> TaskRecord | None:
+        try:
+            return await self.get(task_id)
+        except ContractError:
+            return None
+
+    async def retry(self, task_id: str, *, within: float = 30.0) -> Submitted:
+        """Submit a dead task again under its own id, with a new attempt budget.
+
+        The letter stays in ``TASKS_DEAD`` (it is the payload's only copy
+        until the retry is stored); the record says it was retried
+        (``retries``) and :meth:`dead` marks it so. ContractError: NOT_FOUND
+        (no dead letter for that id), INVALID_STATE (its record is not dead).
+        """
+        validate_id(task_id, "task id")
+        record = await self._get_quiet(task_id)
+        if record is not None and record.state is not TaskState.DEAD:
+            raise ContractError(
+                ErrorCode.INVALID_STATE,
+                f"task {task_id!r} is {record.state.value}: only a dead task can be retried",
+            )
+        found = [
+            d for d in await self.dead(record.type if record else None) if d.task.id == task_id
+        ]
+        if not found:
+            raise ContractError(ErrorCode.NOT_FOUND, f"no dead letter for task {task_id!r}")
+        task = found[-1].task
+        deadline = task.deadline
+        if deadline is not None and deadline <= utc_now():
+            deadline = None  # it would die at once; a retry is a fresh start
+        return await self.submit(
+            task.type,
+            task.payload,
+            task_id=task.id,
+            priority=task.priority,
+            deadline=deadline,
+            max_attempts=task.max_attempts,
+            within=within,
+            retry=(record.retries if record else 0) + 1,
+        )
+
     async def run(
         self, task_type: str, payload: Any = None, *, within: float | None = None, **kw: Any
     ) -> TaskRecord:
         """Submit and wait: the final record."""
         submitted = await self.submit(task_type, payload, **kw)
         return await self.wait(submitted.task.id, within=within)
+
+
+async def _read(
+    js: Any, stream: str, subject: str, *, last: bool, batch: int = 512
+) -> list[tuple[int, bytes]]:
+    """Every message of ``stream`` on ``subject`` (only the last per subject with
+    ``last``), read once through an ephemeral pull consumer without acks.
+
+    Pull, not an ordered push consumer: a push consumer's flow control needs a
+    publish right on ``$JS.FC.<stream>.>`` that operators do not hold.
+    """
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if last else DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=10.0,
+        mem_storage=True,
+    )
+    try:
+        psub = await js.pull_subscribe(subject, stream=stream, config=config)
+    except nats.js.errors.NotFoundError:
+        return []
+    out: list[tuple[int, bytes]] = []
+    name: str | None = None
+    try:
+        info = await psub.consumer_info()
+        name = info.name
+        want = info.num_pending or 0
+        while len(out) < want:
+            try:
+                msgs = await psub.fetch(min(batch, want - len(out)), timeout=5.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break  # messages removed meanwhile (expired, deleted): what came is all
+            for msg in msgs:
+                out.append((msg.metadata.sequence.stream, bytes(msg.data)))
+            if msgs and msgs[-1].metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+        if name is not None:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(stream, name)
+    return out

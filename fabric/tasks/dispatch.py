@@ -42,6 +42,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from fabric.connect import js_publish
+from fabric.tasks.admission import admit
 from fabric.tasks.agents import (
     AgentView,
     Candidate,
@@ -317,6 +318,11 @@ class Dispatcher:
             self.counts["refused"] += 1
             await msg.term()
             return
+        # The submit token (fabric.tasks.admission): refused tasks are recorded and termed.
+        admitted = await admit(self, msg, task)
+        if admitted is None:
+            return
+        task = admitted
         stored: Stored | None = None
         if msg.metadata.num_delivered > 1:
             # Seen before: maybe finished already (an ack that was lost), or spent.

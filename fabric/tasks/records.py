@@ -16,7 +16,12 @@ States::
                  ▼                        ▼
                 dead ◀──── max_attempts spent, deadline passed, or refused
 
-``succeeded`` and ``dead`` are final: a record in either never changes again,
+A task the controller does not admit (a bad, expired or missing submit
+token: :mod:`fabric.tasks.admission`) is recorded ``refused`` with its error
+code and never runs. ``fabric task dead retry`` brings a ``dead`` task back to
+``queued`` with a fresh attempt budget (``retries`` counts how often).
+
+``succeeded``, ``dead`` and ``refused`` are final: a record in either never changes again,
 so a redelivered message whose record is final is acknowledged without
 running it a second time. ``failed`` means the last attempt failed and the
 task waits for its retry. ``attempts`` counts handler runs that ended
@@ -51,6 +56,8 @@ __all__ = [
     "after_failure",
     "handed_back",
     "new_record",
+    "refused",
+    "revived",
     "started",
     "succeeded",
     "transition",
@@ -70,12 +77,15 @@ class TaskState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     DEAD = "dead"
+    REFUSED = "refused"
 
 
-FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.DEAD})
+FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.REFUSED})
 
 _ALLOWED: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.QUEUED: frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.DEAD}),
+    TaskState.QUEUED: frozenset(
+        {TaskState.QUEUED, TaskState.RUNNING, TaskState.DEAD, TaskState.REFUSED}
+    ),
     TaskState.RUNNING: frozenset(
         {
             TaskState.RUNNING,  # redelivered after a dispatcher died: a new attempt
@@ -90,6 +100,7 @@ _ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     ),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.DEAD: frozenset(),
+    TaskState.REFUSED: frozenset(),
 }
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -123,6 +134,10 @@ class TaskRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     """Why a queued task is not running (no capable agent, limit reached)."""
     dispatcher: ShortText = ""
     """The controller that wrote this record last."""
+    code: ErrorCode | None = None
+    """Why a ``refused`` task was not admitted (e.g. ``token_expired``)."""
+    retries: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    """How many times an operator brought this task back from the dead letters."""
 
     @property
     def final(self) -> bool:
@@ -152,6 +167,41 @@ def new_record(task: Task, dispatcher: str = "") -> TaskRecord:
         deadline=task.deadline,
         updated_at=utc_now(),
         dispatcher=dispatcher,
+    )
+
+
+def refused(record: TaskRecord, code: ErrorCode, error: str) -> TaskRecord:
+    """Not admitted (:mod:`fabric.tasks.admission`): final, it never runs."""
+    return transition(
+        record, TaskState.REFUSED, code=code, error=error[:4096], finished_at=utc_now()
+    )
+
+
+def revived(record: TaskRecord, task: Task) -> TaskRecord:
+    """A dead task retried by an operator (``task.retry``): queued again with a new
+    attempt budget, submitted by whoever retried it. Done outside :func:`transition`
+    on purpose: ``dead`` is final for dispatchers, and only a retry may reopen it."""
+    return msgspec.structs.replace(
+        record,
+        state=TaskState.QUEUED,
+        attempts=0,
+        max_attempts=task.max_attempts,
+        priority=task.priority,
+        submitted_by=task.submitted_by,
+        submitted_at=task.submitted_at,
+        deadline=task.deadline,
+        updated_at=utc_now(),
+        agent_id=None,
+        node_id=None,
+        started_at=None,
+        finished_at=None,
+        result=None,
+        error=None,
+        code=None,
+        progress=None,
+        progress_message="",
+        waiting="",
+        retries=task.retry,
     )
 
 
