@@ -19,6 +19,13 @@ next dispatcher finds a final record (ack without running it again) or
 runs it once more (at least once). The decision of which agent is the pure
 :func:`choose_agent`; this module's class only moves messages.
 
+Priority (``Task.priority``, 0..9, higher first): JetStream delivers in
+stream order, so priority orders what one dispatcher holds. A fetched batch
+is started best first, and tasks waiting here for a slot (their type's
+limit, or every capable agent busy) take freed slots best first, first come
+within a priority (:class:`~fabric.tasks.priority.SlotQueue`). No order
+across task types or across controllers; see :mod:`fabric.tasks.priority`.
+
 Worker liveness: a worker holding an assignment reports progress at least
 every ``ack_wait / 3`` (the SDK does it by itself); silence for ``ack_wait``
 or the agent leaving the controller's view of running agents counts as a
@@ -50,6 +57,7 @@ from fabric.tasks.agents import (
     controller_agents,
     retry_delay,
 )
+from fabric.tasks.priority import SlotQueue, Ticket, by_priority
 from fabric.tasks.records import (
     STORE_ERRORS,
     DeadTask,
@@ -164,6 +172,22 @@ class _ProgressEvent(msgspec.Struct):
     data: Any = None
 
 
+class _Priority(msgspec.Struct):
+    """Only a task's priority, to order a fetched batch before the full decode."""
+
+    priority: int = 5
+
+
+_peek = msgspec.json.Decoder(_Priority)
+
+
+def _peek_priority(msg: Msg) -> int:
+    try:
+        return _peek.decode(msg.data).priority
+    except msgspec.DecodeError:
+        return 5  # not a task: _handle refuses it
+
+
 class _MaxDeliveries(msgspec.Struct):
     stream_seq: int
     deliveries: int = 0
@@ -196,6 +220,9 @@ class Dispatcher:
         self._held = 0
         self._changed = asyncio.Condition()
         self._shunned: dict[str, float] = {}
+        self.slots = SlotQueue()
+        """Tasks held here waiting for a slot, best first per type."""
+        self._arrivals = 0
 
     @classmethod
     def for_controller(
@@ -262,13 +289,16 @@ class Dispatcher:
                 log.info("fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
+            # Best first, so a batch with more tasks than free slots gives them
+            # to the higher priorities (see fabric.tasks.priority).
+            for msg in by_priority(msgs, _peek_priority):
                 self._held += 1
-                tg.create_task(self._guarded(msg))
+                self._arrivals += 1
+                tg.create_task(self._guarded(msg, self._arrivals))
 
-    async def _guarded(self, msg: Msg) -> None:
+    async def _guarded(self, msg: Msg, arrival: int = 0) -> None:
         try:
-            await self._handle(msg)
+            await self._handle(msg, arrival)
         except Exception as exc:
             # A store or connection failure: the task goes back and is tried again.
             log.warning("task %s: %s: %s", msg.subject, type(exc).__name__, exc)
@@ -303,7 +333,7 @@ class Dispatcher:
 
     # --- one task ------------------------------------------------------------
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg, arrival: int = 0) -> None:
         store = self.store
         assert store is not None
         try:
@@ -333,7 +363,7 @@ class Dispatcher:
             stored, _ = await store.claim(task, self.name)
             await self._finished(msg, task, stored)
             return
-        choice = await self._place(task, msg)
+        choice = await self._place(task, msg, arrival)
         if isinstance(choice, tuple):
             reason, delay = choice
             if stored is None:
@@ -367,8 +397,23 @@ class Dispatcher:
             return True
         return False
 
-    async def _place(self, task: Task, msg: Msg) -> Candidate | tuple[str, float]:
-        """A candidate (its slot reserved), or why not and the nak delay."""
+    async def _place(self, task: Task, msg: Msg, arrival: int = 0) -> Candidate | tuple[str, float]:
+        """A candidate (its slot reserved), or why not and the nak delay.
+
+        While it waits, the task holds a ticket in :attr:`slots`: only the
+        best-ranked waiter of a type may take a free slot of that type.
+        """
+        ticket = self.slots.join(task.type, task.priority, arrival)
+        try:
+            return await self._wait_for_slot(task, msg, ticket)
+        finally:
+            self.slots.leave(ticket)
+            # The next waiter of this type may now be first and find a slot.
+            await self._notify()
+
+    async def _wait_for_slot(
+        self, task: Task, msg: Msg, ticket: Ticket
+    ) -> Candidate | tuple[str, float]:
         settings = self.settings
         loop = asyncio.get_running_loop()
         hold_until = loop.time() + settings.busy_hold
@@ -376,18 +421,21 @@ class Dispatcher:
         limit = settings.type_limits.get(task.type, settings.type_limit)
         while True:
             view = self._choosable()
+            if not any(task.type in c.capabilities and c.healthy for c in view.values()):
+                delivered = msg.metadata.num_delivered
+                delay = min(settings.no_agent_max, settings.no_agent_delay * delivered)
+                return f"no running agent serves {task.type!r}", delay
             if self.by_type[task.type] >= limit:
                 reason = f"{task.type!r} tasks are at their concurrency limit ({limit})"
+            elif not self.slots.first(ticket):
+                ahead = self.slots.ahead(ticket)
+                reason = f"every agent serving {task.type!r} is busy ({ahead} ranked ahead)"
             else:
                 agent_id = choose_agent(task.type, view, self.by_agent, limit=settings.agent_limit)
                 if agent_id is not None:
                     self.by_agent[agent_id] += 1
                     self.by_type[task.type] += 1
                     return view[agent_id]
-                if not any(task.type in c.capabilities and c.healthy for c in view.values()):
-                    delivered = msg.metadata.num_delivered
-                    delay = min(settings.no_agent_max, settings.no_agent_delay * delivered)
-                    return f"no running agent serves {task.type!r}", delay
                 reason = f"every agent serving {task.type!r} is busy"
             now = loop.time()
             if now >= hold_until:

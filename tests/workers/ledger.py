@@ -4,7 +4,8 @@ Every handler appends JSON lines to LEDGER (``start`` when it begins, ``done``
 when it returns), so a test counts how often each task really ran. The
 payload steers it: ``{"sleep": s}`` runs that long, reporting progress
 every ``progress`` seconds (default 0.2); ``{"fail": "text"}`` raises;
-``{"big": n}`` returns n bytes. Prints ``ready`` once it listens.
+``{"big": n}`` returns n bytes; ``{"gate": path}`` holds the task until that file
+exists. Prints ``ready`` once it listens.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def main() -> None:
         note("start", ctx)
         payload = payload if isinstance(payload, dict) else {"value": payload}
         await ctx.progress(0.0, "started")
+        if "gate" in payload:
+            # Held until the test makes this file (the SDK keeps the task alive).
+            gate = str(payload["gate"])
+            while not os.path.exists(gate):  # noqa: ASYNC110, ASYNC240
+                await asyncio.sleep(0.02)
         total = float(payload.get("sleep", 0))
         step = float(payload.get("progress", 0.2))
         loop = asyncio.get_running_loop()
