@@ -45,12 +45,16 @@ from typing import Literal
 
 from schemas.agent import LogSpec
 
-__all__ = ["STREAMS", "LogFiles", "Stream"]
+__all__ = ["STREAMS", "LogFiles", "LogsDropped", "Stream"]
 
 Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 _BLOCK = 64 * 1024
 _MARKS = 2048  # per file: at a 5 s tick, about 3 hours of history
+
+
+class LogsDropped(OSError):
+    """A file past max_bytes was truncated but its backup could not be written."""
 
 
 class LogFiles:
@@ -99,8 +103,13 @@ class LogFiles:
         return fds[0], fds[1]
 
     def rotate_if_needed(self, agent_id: str, spec: LogSpec) -> list[Stream]:
-        """Copy-truncate the files of a running agent that grew past max_bytes."""
+        """Copy-truncate the files of a running agent that grew past max_bytes.
+
+        Raises :class:`LogsDropped` (after doing all it could) when a file had
+        to be truncated without its backup, e.g. on a full disk.
+        """
         rotated: list[Stream] = []
+        dropped: list[str] = []
         for stream in STREAMS:
             # Runs for every agent on every tick: a plain string path is cheapest.
             try:
@@ -111,12 +120,32 @@ class LogFiles:
             if size <= spec.max_bytes:
                 continue
             path = self.path(agent_id, stream)
-            self._shift(agent_id, stream, spec.backups)
+            lost: OSError | None = None
             if spec.backups > 0:
-                _copy_live(path, self.path(agent_id, stream, 1))
+                # Copy first, shift after: a copy that fails (disk full) must
+                # not have pushed the good backups out for a partial one.
+                fresh = self.root / agent_id / f"{stream}.log.1.tmp"
+                try:
+                    _copy_live(path, fresh)
+                except OSError as exc:
+                    lost = exc
+                    with contextlib.suppress(OSError):
+                        fresh.unlink()
+                else:
+                    self._shift(agent_id, stream, spec.backups)
+                    fresh.rename(self.path(agent_id, stream, 1))
+            # Truncated even when no backup could be made: a file past its
+            # max_bytes must not keep a full disk full (what it held is lost).
             os.truncate(path, 0)
             self._marks.pop((agent_id, stream), None)
             rotated.append(stream)
+            if lost is not None:
+                dropped.append(
+                    f"{stream}.log of {agent_id} truncated without a backup "
+                    f"({size} bytes lost): {lost.strerror or lost}"
+                )
+        if dropped:
+            raise LogsDropped("; ".join(dropped))
         return rotated
 
     def _shift(self, agent_id: str, stream: Stream, backups: int) -> None:

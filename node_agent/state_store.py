@@ -23,6 +23,7 @@ Two strengths of write, because the two ways of losing the node agent differ:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -67,12 +68,21 @@ class StateStore:
         tmp = path.with_suffix(".json.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, _encoder.encode(record))
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                data = _encoder.encode(record)
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            # Disk full (or worse): the old record stays as it was, and no
+            # half-written temp file is left to hold space.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if durable:
             self._sync_dir()
 

@@ -22,7 +22,10 @@ agent after each metrics tick; ``on_event(kind, agent_id, data)`` for:
 ``agent.failed`` (escalation when ``data["escalate"]``), ``agent.stopped``,
 ``agent.unhealthy``, ``agent.healthy``, ``agent.limit_exceeded``,
 ``agent.readopted``, ``agent.paused``, ``agent.resumed``, ``agent.signalled``,
-``agent.removed``. Both run synchronously on the loop and must not block.
+``agent.removed``, ``agent.state_unsaved`` / ``agent.state_saved`` (a state
+write failed, e.g. disk full / works again), ``agent.logs_dropped`` (a log
+past max_bytes truncated without its backup). Both run synchronously on the
+loop and must not block.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from node_agent.cgroup import AgentCgroup, CgroupTree
 from node_agent.health import HealthMonitor, make_probe
 from node_agent.lifecycle import AgentLifecycle
 from node_agent.limits import Plan, apply_limits, memory_exceeded, rlimits_for
-from node_agent.logfiles import LogFiles, Stream
+from node_agent.logfiles import LogFiles, LogsDropped, Stream
 from node_agent.metrics import AGENT_ID_ENV, ProcTable, TreeTracker, node_metrics
 from node_agent.reaper import ChildReaper, ExitInfo, same_process
 from node_agent.restart import ExitReport, GiveUp, Restart, RestartTracker
@@ -158,6 +161,7 @@ class Supervisor:
         self._cgroups: CgroupTree | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics_task: asyncio.Task[None] | None = None
+        self._unsaved: set[str] = set()  # agents whose last state write failed
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -311,6 +315,7 @@ class Supervisor:
             await self._stop(a, None)
             final = self._status(a)
             self._store.delete(agent_id)
+            self._unsaved.discard(agent_id)
             if a.cgroup is not None:
                 await a.cgroup.remove()
             self._logs.remove(agent_id)
@@ -395,10 +400,20 @@ class Supervisor:
             rss = a.metrics.rss_bytes if a.metrics else 0
             if a.lc.state in (S.RUNNING, S.PAUSED) and memory_exceeded(a.spec.limits, a.plan, rss):
                 self._limit_exceeded(a)
-            with contextlib.suppress(OSError):
+            try:
                 self._logs.rotate_if_needed(a.id, a.spec.logs)
+            except LogsDropped as exc:  # e.g. disk full: the agent logs on, the excess is gone
+                log.warning("%s", exc)
+                self._event("agent.logs_dropped", a, error=str(exc))
+            except OSError:
+                pass
             self._emit(a)
         self._trees.end_tick()
+        for agent_id in list(self._unsaved):  # a full disk may have room again
+            if (a := self._agents.get(agent_id)) is not None:
+                self._save(a, durable=True)
+            else:
+                self._unsaved.discard(agent_id)
         # A burst of exits can overflow the loop's signal pipe and lose a
         # SIGCHLD; one reap pass per tick makes sure no exit goes unseen.
         self._reaper.reap()
@@ -849,8 +864,21 @@ class Supervisor:
         )
         try:
             self._store.save(record, durable=durable)
-        except OSError:
-            log.exception("cannot save the state of %s", a.id)
+        except OSError as exc:
+            # Said once per failing spell (the node's own log may be on that
+            # disk too); every metrics tick tries again until it works.
+            if a.id not in self._unsaved:
+                self._unsaved.add(a.id)
+                log.error("cannot save the state of %s: %s", a.id, exc)
+                self._event("agent.state_unsaved", a, error=str(exc))
+            a.message = f"state not saved: {exc.strerror or exc}"
+            return
+        if a.id in self._unsaved:
+            self._unsaved.discard(a.id)
+            log.info("the state of %s is saved again", a.id)
+            self._event("agent.state_saved", a)
+            if a.message.startswith("state not saved"):
+                a.message = ""
 
     def _track(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._loop is not None

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import os
 import resource
+import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -52,10 +56,11 @@ from schemas.agent import (
     Backoff,
     LimitMechanism,
     Limits,
+    LogSpec,
     RestartPolicy,
     RestartPolicyKind,
 )
-from schemas.command import ListAgents, PlaceAgent, StatusAgent, StopAgent
+from schemas.command import ListAgents, PlaceAgent, RestartAgent, StatusAgent, StopAgent
 from schemas.errors import ErrorReply
 
 HEARTBEAT = 0.3
@@ -269,3 +274,159 @@ def test_pids_limit_falls_back_to_rlimit_nproc_for_an_agent_with_its_own_user() 
     )
     assert not runs_unprivileged(None) and not runs_unprivileged("root")
     assert runs_unprivileged("nobody")
+
+
+LOG_WRITER = (
+    "import os, time\n"
+    "block = (b'x' * 1023 + b'\\n') * 64\n"
+    "while True:\n"
+    "    try:\n"
+    "        os.write(1, block)\n"
+    "    except OSError:\n"
+    "        pass  # disk full: carry on, as a service would\n"
+    "    time.sleep(0.02)\n"
+)
+TMPFS_BYTES = 3 << 20
+LOG_MAX = 512 << 10
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: int) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> int:
+    """Write zeros into ``path`` until the disk is full; bytes written."""
+    written = 0
+    with path.open("wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    written += f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return written
+
+
+def record(state_dir: Path, agent_id: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((state_dir / "agents" / f"{agent_id}.json").read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+async def test_disk_full_on_the_state_dir_is_survived_and_recovered_from(
+    pki: FabricPki, nats_server: NatsServer, ops: Clients, tmp_path: Path
+) -> None:
+    iss = issuer(pki)
+    nc = await ops("op-1")
+    beats, events = Beats(), Events()
+    await beats.start(nc, "n1")
+    await events.start(nc, "events.agent.>")
+    node_subject = subjects.node_commands("n1")
+
+    async def place(spec: AgentSpec) -> Any:
+        placed = await command(
+            nc, node_subject, PlaceAgent(spec=spec, token=tok(iss, "agents:run"))
+        )
+        assert not isinstance(placed, ErrorReply), placed
+        return placed.status
+
+    async def status(agent_id: str) -> Any:
+        reply = await command(
+            nc, subjects.agent_commands(agent_id), StatusAgent(token=tok(iss, "read"))
+        )
+        return reply.status
+
+    with small_tmpfs(tmp_path / "state", TMPFS_BYTES) as state:
+        async with node_process(pki, nats_server, state, tmp_path / "node.log") as node:
+            await until(lambda: len(beats.at) >= 2, within=10)
+            steady = await place(AgentSpec(name="steady", argv=["sleep", "600"], start_seconds=0))
+            # 1. An agent's own log fills the disk (3 MiB/s into 512 KiB files, one backup).
+            writer = await place(
+                AgentSpec(
+                    name="writer",
+                    argv=[sys.executable, "-c", LOG_WRITER],
+                    start_seconds=0,
+                    logs=LogSpec(max_bytes=LOG_MAX, backups=1),
+                )
+            )
+            mark = beats.mark()
+            await until(lambda: bool(events.of("agent.logs_dropped", "writer")), within=10)
+            dropped = events.of("agent.logs_dropped", "writer")[0]
+            assert "No space left" in dropped.data["error"], dropped.data
+            logs = state / "logs" / "writer"
+            live = logs / "stdout.log"
+            # The live file was cut (the disk is not held full), and the agent logs on.
+            await until(lambda: 0 < live.stat().st_size <= LOG_MAX, within=5, step=0.005)
+            await until(lambda: live.stat().st_size > 0, within=5)
+            assert (await status("writer")).pid == writer.pid
+            stopped = await command(
+                nc, subjects.agent_commands("writer"), StopAgent(token=tok(iss, "agents:stop"))
+            )
+            assert stopped.status.state is AgentState.STOPPED
+            # A backup is whole (a file is rotated once past LOG_MAX) or absent, never partial.
+            backup = logs / "stdout.log.1"
+            assert not backup.exists() or backup.stat().st_size > LOG_MAX
+            assert not list(logs.glob("*.tmp"))
+
+            # 2. Someone else fills the disk: state writes fail, loudly, and nothing else.
+            filler = state / "filler"
+            assert fill(filler) > 0
+            restarted = await command(
+                nc, subjects.agent_commands("steady"), RestartAgent(token=tok(iss, "agents:run"))
+            )
+            assert restarted.status.state is AgentState.RUNNING
+            assert restarted.status.pid != steady.pid
+            await until(lambda: bool(events.of("agent.state_unsaved", "steady")), within=5)
+            unsaved = events.of("agent.state_unsaved", "steady")[0]
+            assert "No space left" in unsaved.data["error"]
+            assert record(state, "steady")["pid"] == steady.pid  # the old record, untouched
+            newcomer = await place(
+                AgentSpec(name="newcomer", argv=["sleep", "600"], start_seconds=0)
+            )
+            assert newcomer.state is AgentState.RUNNING
+            await until(lambda: bool(events.of("agent.state_unsaved", "newcomer")), within=5)
+            assert record(state, "newcomer") is None
+            await until(lambda: "cannot save the state of newcomer" in node.log(), within=5)
+            assert (await status("steady")).message.startswith("state not saved")
+            assert not list((state / "agents").glob("*.tmp")), "temp files hold the full disk"
+            gap = beats.max_gap(mark)
+            assert gap < MAX_GAP, f"heartbeat gap {gap:.3f}s while the disk was full"
+            assert node.alive()
+
+            # 3. Space comes back: the unsaved records are written on the next tick.
+            filler.unlink()
+            await until(
+                lambda: (
+                    bool(events.of("agent.state_saved", "newcomer"))
+                    and bool(events.of("agent.state_saved", "steady"))
+                ),
+                within=5,
+            )
+            assert record(state, "newcomer")["pid"] == newcomer.pid
+            assert record(state, "steady")["pid"] == restarted.status.pid
+            after = await place(AgentSpec(name="after", argv=["sleep", "600"], start_seconds=0))
+            assert after.state is AgentState.RUNNING
+            assert record(state, "after")["pid"] == after.pid
+            assert (await status("steady")).message == ""
+            assert node.alive()
+            pids = [restarted.status.pid, newcomer.pid, after.pid]
+            assert all(psutil.pid_exists(pid) for pid in pids)
+        # The node drained: nothing it ran is left.
+        assert not any(
+            psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
+        )
