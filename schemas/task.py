@@ -1,5 +1,9 @@
 """Tasks: submitted to ``tasks.<task_type>.queue``, handed to an agent on
-``agents.<agent_id>.tasks``, answered with a :class:`TaskResult`."""
+``agents.<agent_id>.tasks``, answered with a :class:`TaskResult`.
+
+The ``exec`` task type is run by the controller itself as a one-shot agent
+(see :mod:`fabric.tasks.batch`): its payload is an :class:`ExecPayload`,
+its result an :class:`ExecResult`."""
 
 from __future__ import annotations
 
@@ -8,11 +12,16 @@ from typing import Annotated, Any
 
 import msgspec
 
-from schemas.common import Seconds, ShortText, Text, Timestamp
-from schemas.ids import AgentId, TaskId, TaskType
+from schemas.agent import Arg, EnvKey, EnvValue, Limits, Path
+from schemas.common import Labels, Seconds, ShortText, Text, Timestamp
+from schemas.ids import AgentId, NodeId, TaskId, TaskType
 
 __all__ = [
+    "EXEC_TASK_TYPE",
     "MAX_TASK_PAYLOAD_BYTES",
+    "ExecConstraints",
+    "ExecPayload",
+    "ExecResult",
     "Task",
     "TaskAssignment",
     "TaskOutcome",
@@ -82,3 +91,48 @@ class TaskProgress(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     message: Text = ""
     at: Timestamp
+
+
+EXEC_TASK_TYPE = "exec"
+"""The task type a controller runs itself, as a one-shot agent."""
+
+OutputLine = Annotated[str, msgspec.Meta(max_length=65536)]
+
+
+class ExecConstraints(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Which nodes may run an ``exec`` task (as a deployment's constraints)."""
+
+    labels: Labels = {}
+    """Every label here must be on the node with this value."""
+    capabilities: Annotated[list[TaskType], msgspec.Meta(max_length=64)] = []
+    """Every capability here must be offered by the node."""
+
+
+class ExecPayload(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The payload of an ``exec`` task: one command, run once, no shell."""
+
+    argv: Annotated[list[Arg], msgspec.Meta(min_length=1, max_length=1024)]
+    env: Annotated[dict[EnvKey, EnvValue], msgspec.Meta(max_length=512)] = {}
+    cwd: Path | None = None
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)] = 3600.0
+    """Seconds it may run once started; then it is stopped and the attempt fails."""
+    stop_timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
+    """Between SIGTERM and SIGKILL when it has to be stopped."""
+    constraints: ExecConstraints = ExecConstraints()
+    limits: Limits = Limits()
+    tail: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 50
+    """Lines of stdout and of stderr kept in the result."""
+
+
+class ExecResult(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """What became of an ``exec`` task's command (the task record's ``result``)."""
+
+    exit_code: int | None = None
+    signal: ShortText | None = None
+    """The signal that ended it, when one did."""
+    duration: Annotated[float, msgspec.Meta(ge=0)]
+    """Seconds from spawn to exit, as the node saw them."""
+    agent_id: AgentId
+    node_id: NodeId
+    stdout: Annotated[list[OutputLine], msgspec.Meta(max_length=1000)] = []
+    stderr: Annotated[list[OutputLine], msgspec.Meta(max_length=1000)] = []

@@ -26,6 +26,12 @@ limit, or every capable agent busy) take freed slots best first, first come
 within a priority (:class:`~fabric.tasks.priority.SlotQueue`). No order
 across task types or across controllers; see :mod:`fabric.tasks.priority`.
 
+Batch tasks (type ``exec``): a dispatcher built for a controller runs them
+itself, as one-shot agents placed by the controller (:mod:`fabric.tasks.batch`);
+they take a slot of their type like any task, need no capable agent, and
+settle like any task (exit 0 succeeded, else a failed attempt). A bad payload
+is dead at once with ``invalid_payload``.
+
 Worker liveness: a worker holding an assignment reports progress at least
 every ``ack_wait / 3`` (the SDK does it by itself); silence for ``ack_wait``
 or the agent leaving the controller's view of running agents counts as a
@@ -57,6 +63,12 @@ from fabric.tasks.agents import (
     controller_agents,
     retry_delay,
 )
+from fabric.tasks.batch import (
+    BatchRunner,
+    ControllerFleet,
+    exec_agent_id,
+    parse_payload,
+)
 from fabric.tasks.priority import SlotQueue, Ticket, by_priority
 from fabric.tasks.records import (
     STORE_ERRORS,
@@ -69,6 +81,7 @@ from fabric.tasks.records import (
     handed_back,
     started,
     succeeded,
+    transition,
     waiting,
     went_dead,
     with_progress,
@@ -87,7 +100,9 @@ from schemas.common import utc_now
 from schemas.errors import ContractError, ErrorCode, ErrorReply
 from schemas.event import make_event
 from schemas.task import (
+    EXEC_TASK_TYPE,
     MAX_TASK_PAYLOAD_BYTES,
+    ExecPayload,
     Task,
     TaskAssignment,
     TaskOutcome,
@@ -168,6 +183,10 @@ class _Back:
     """The agent did not answer at all: leave it out of choices for a while."""
 
 
+_ONE_SHOT = Candidate("", None, frozenset({EXEC_TASK_TYPE}))
+"""What :meth:`Dispatcher._place` returns for an ``exec`` task: run it here."""
+
+
 class _ProgressEvent(msgspec.Struct):
     data: Any = None
 
@@ -202,6 +221,7 @@ class Dispatcher:
         name: str,
         agents: AgentView,
         settings: DispatchSettings | None = None,
+        batch: BatchRunner | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -209,6 +229,8 @@ class Dispatcher:
         self.source = f"/controllers/{name}"
         self.settings = settings or DispatchSettings()
         self._agents = agents
+        self.batch = batch
+        """Runs ``exec`` tasks as one-shot agents (None: exec is a type like any other)."""
         self._view: Mapping[str, Candidate] = {}
         self._view_at = -1.0
         self.store: RecordStore | None = None
@@ -235,7 +257,13 @@ class Dispatcher:
         """
         settings = settings or getattr(controller, "task_settings", None)
         return cls(
-            controller.nc, controller.config.name, lambda: controller_agents(controller), settings
+            controller.nc,
+            controller.config.name,
+            lambda: controller_agents(controller),
+            settings,
+            batch=BatchRunner(
+                ControllerFleet(controller), getattr(controller, "exec_settings", None)
+            ),
         )
 
     @property
@@ -363,6 +391,16 @@ class Dispatcher:
             stored, _ = await store.claim(task, self.name)
             await self._finished(msg, task, stored)
             return
+        command: ExecPayload | None = None
+        if self.batch is not None and task.type == EXEC_TASK_TYPE:
+            try:
+                command = parse_payload(task.payload)
+            except ContractError as exc:
+                # It could never run: dead at once, with the code, never tried.
+                if stored is None:
+                    stored, _ = await store.claim(task, self.name)
+                await self._dead(msg, task, stored, f"{exc.code.value}: {exc.message}")
+                return
         choice = await self._place(task, msg, arrival)
         if isinstance(choice, tuple):
             reason, delay = choice
@@ -374,6 +412,9 @@ class Dispatcher:
                 stored = await store.save(stored, lambda r: waiting(r, reason))
             self.counts["waiting"] += 1
             await msg.nak(delay=delay)
+            return
+        if command is not None:
+            await self._run_exec(msg, task, stored, command)
             return
         await self._run(msg, task, stored, choice)
 
@@ -418,25 +459,11 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         hold_until = loop.time() + settings.busy_hold
         kept_at = loop.time()
-        limit = settings.type_limits.get(task.type, settings.type_limit)
         while True:
-            view = self._choosable()
-            if not any(task.type in c.capabilities and c.healthy for c in view.values()):
-                delivered = msg.metadata.num_delivered
-                delay = min(settings.no_agent_max, settings.no_agent_delay * delivered)
-                return f"no running agent serves {task.type!r}", delay
-            if self.by_type[task.type] >= limit:
-                reason = f"{task.type!r} tasks are at their concurrency limit ({limit})"
-            elif not self.slots.first(ticket):
-                ahead = self.slots.ahead(ticket)
-                reason = f"every agent serving {task.type!r} is busy ({ahead} ranked ahead)"
-            else:
-                agent_id = choose_agent(task.type, view, self.by_agent, limit=settings.agent_limit)
-                if agent_id is not None:
-                    self.by_agent[agent_id] += 1
-                    self.by_type[task.type] += 1
-                    return view[agent_id]
-                reason = f"every agent serving {task.type!r} is busy"
+            taken = self._take_slot(task, msg, ticket)
+            if not isinstance(taken, str):
+                return taken
+            reason = taken
             now = loop.time()
             if now >= hold_until:
                 return reason, settings.handback_delay
@@ -446,6 +473,37 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with self._changed, asyncio.timeout(min(hold_until - now, 0.25)):
                     await self._changed.wait()
+
+    def _take_slot(
+        self, task: Task, msg: Msg, ticket: Ticket
+    ) -> Candidate | tuple[str, float] | str:
+        """A slot taken (the agent, reserved), a reason to give up now and its nak
+        delay, or (a string) why the task keeps waiting."""
+        settings = self.settings
+        limit = settings.type_limits.get(task.type, settings.type_limit)
+        one_shot = self.batch is not None and task.type == EXEC_TASK_TYPE
+        view: Mapping[str, Candidate] = {} if one_shot else self._choosable()
+        if not one_shot and not any(
+            task.type in c.capabilities and c.healthy for c in view.values()
+        ):
+            delivered = msg.metadata.num_delivered
+            delay = min(settings.no_agent_max, settings.no_agent_delay * delivered)
+            return f"no running agent serves {task.type!r}", delay
+        if self.by_type[task.type] >= limit:
+            return f"{task.type!r} tasks are at their concurrency limit ({limit})"
+        if not self.slots.first(ticket):
+            ahead = self.slots.ahead(ticket)
+            return f"waiting for a free slot, {ahead} {task.type!r} tasks ranked ahead"
+        if one_shot:
+            # Run by this dispatcher as a one-shot agent (fabric.tasks.batch).
+            self.by_type[task.type] += 1
+            return _ONE_SHOT
+        agent_id = choose_agent(task.type, view, self.by_agent, limit=settings.agent_limit)
+        if agent_id is None:
+            return f"every agent serving {task.type!r} is busy"
+        self.by_agent[agent_id] += 1
+        self.by_type[task.type] += 1
+        return view[agent_id]
 
     async def _run(self, msg: Msg, task: Task, stored: Stored | None, agent: Candidate) -> None:
         """Record it running, send it, wait, settle; ``agent``'s slot is reserved."""
@@ -489,6 +547,68 @@ class Dispatcher:
             self.by_type[task.type] -= 1
             await self._notify()
         await self._settle(msg, task, stored, outcome, run.attempt, agent)
+
+    async def _run_exec(
+        self, msg: Msg, task: Task, stored: Stored | None, command: ExecPayload
+    ) -> None:
+        """Run an ``exec`` task as a one-shot agent (fabric.tasks.batch), then settle
+        it like any task; its type slot is reserved."""
+        store, batch = self.store, self.batch
+        assert store is not None and batch is not None
+        resumed = False
+
+        def start(record: TaskRecord) -> TaskRecord:
+            nonlocal resumed
+            agent_id = exec_agent_id(task.id, record.attempts + 1, task.retry)
+            # Running this very attempt already: its dispatcher stopped mid-run, so
+            # the one-shot may be alive. Watch it; never start a second one.
+            resumed = record.state is TaskState.RUNNING and record.agent_id == agent_id
+            if resumed:
+                return transition(record, TaskState.RUNNING, dispatcher=self.name)
+            return started(record, agent_id, None, self.name)
+
+        try:
+            if stored is None:
+                stored, created = await store.claim(task, self.name, first=start)
+                if not created:
+                    if await self._finished(msg, task, stored):
+                        return
+                    stored = await store.save(stored, start)
+            else:
+                stored = await store.save(stored, start)
+            if stored.record.final:
+                await self._finished(msg, task, stored)
+                return
+            attempt = stored.record.attempts + 1
+            limit = None
+            if task.deadline is not None:
+                limit = max(0.1, (task.deadline - utc_now()).total_seconds())
+            running = asyncio.create_task(
+                batch.run(
+                    task,
+                    command,
+                    attempt,
+                    resumed=resumed,
+                    since=stored.record.started_at,
+                    limit=limit,
+                )
+            )
+            try:
+                while True:
+                    done, _ = await asyncio.wait({running}, timeout=self.ack_wait / 3 * 0.9)
+                    if done:
+                        break
+                    await msg.in_progress()
+            finally:
+                running.cancel()
+            outcome, node_id = running.result()
+        finally:
+            self.by_type[task.type] -= 1
+            await self._notify()
+        if node_id is not None:
+            stored = await store.save(stored, _on_node(node_id))
+        agent = Candidate(outcome.agent_id, node_id, frozenset({EXEC_TASK_TYPE}))
+        await self._settle(msg, task, stored, outcome, attempt, agent)
 
     async def _watch(
         self, request: asyncio.Task[Msg], run: _Run, stored: Stored
@@ -693,6 +813,17 @@ class Dispatcher:
             await self.nc.publish(subjects.event(kind), encode(event), headers=headers)
         except nats.errors.Error as exc:
             log.debug("event %s not published: %s", event_id, exc)
+
+
+def _on_node(node_id: str) -> Callable[[TaskRecord], TaskRecord]:
+    """The node a one-shot ran on, once known (records start with none)."""
+
+    def change(record: TaskRecord) -> TaskRecord:
+        if record.state is not TaskState.RUNNING:
+            return record
+        return msgspec.structs.replace(record, node_id=node_id, updated_at=utc_now())
+
+    return change
 
 
 def _progress_change(fraction: float | None, message: str) -> Callable[[TaskRecord], TaskRecord]:
