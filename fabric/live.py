@@ -12,12 +12,18 @@ keeps it current from three subscriptions, with no polling:
   starting a few events back, so the feed opens with recent history; plain
   core subscription when the stream cannot be read.
 
+With ``tasks=True`` (`fabric top`) it also keeps the task backlog per type
+(discovery ``what=tasks``, answered by a controller from the queue and the
+task records): asked again when a task event says something moved (at most
+once a second), and every few seconds for tasks that wait without events.
+
 Every change is handed to the listeners as a :class:`Change`, which the
 dashboard forwards to its pages as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -38,7 +44,7 @@ from fabric.client import FabricClient
 from schemas import subjects
 from schemas.agent import AgentState, AgentStatus
 from schemas.codec import decode, encode
-from schemas.discovery import DiscoverReply, DiscoverRequest, NodeRecord
+from schemas.discovery import DiscoverReply, DiscoverRequest, NodeRecord, TaskBacklog
 from schemas.errors import ContractError, ErrorReply
 from schemas.event import CloudEvent
 from schemas.node import NodeHeartbeat, NodeMetrics, NodeState
@@ -54,6 +60,10 @@ SILENT_AFTER = 5.0
 _GONE_AFTER = 2.0
 """An agent its node's heartbeat omits is gone once its last status is this old."""
 _MAX_HEARTBEAT = 16 * 1024 * 1024
+_TASKS_EVERY = 5.0
+"""Seconds between backlog refreshes when no task event asks for one."""
+_TASKS_GAP = 1.0
+"""The shortest time between two backlog refreshes (task events come in floods)."""
 
 
 @dataclass(slots=True)
@@ -97,7 +107,8 @@ class NodeLive:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What changed: ``kind`` is ``agent``, ``agent_removed``, ``node`` or ``event``."""
+    """What changed: ``kind`` is ``agent``, ``agent_removed``, ``node``, ``event`` or
+    ``tasks`` (the whole backlog list)."""
 
     kind: str
     data: Any
@@ -114,6 +125,8 @@ class FleetView:
     nodes: dict[str, NodeLive] = field(default_factory=dict)
     agents: dict[str, AgentStatus] = field(default_factory=dict)
     events: deque[CloudEvent] = field(default_factory=lambda: deque(maxlen=KEEP_EVENTS))
+    tasks: list[TaskBacklog] = field(default_factory=list)
+    """The task backlog per type (followed only when asked for: ``follow(tasks=True)``)."""
     listeners: list[Listener] = field(default_factory=list)
     _status_at: dict[str, float] = field(default_factory=dict)
 
@@ -187,6 +200,11 @@ class FleetView:
             node.state = NodeState.LOST.value if kind == "node.lost" else NodeState.READY.value
             self._tell("node", node.to_builtins(time.monotonic()))
 
+    def apply_tasks(self, tasks: list[TaskBacklog]) -> None:
+        if tasks != self.tasks:
+            self.tasks = tasks
+            self._tell("tasks", msgspec.to_builtins(tasks))
+
     # --- reading ----------------------------------------------------------------
 
     def agent_list(self) -> list[AgentStatus]:
@@ -204,6 +222,7 @@ class FleetView:
             "nodes": [n.to_builtins(now) for n in self.node_list()],
             "agents": [msgspec.to_builtins(a) for a in self.agent_list()],
             "events": [msgspec.to_builtins(e) for e in self.events],
+            "tasks": [msgspec.to_builtins(t) for t in self.tasks],
         }
 
 
@@ -245,8 +264,32 @@ async def _events_subscription(nc: Client, cb: Callable[[Msg], Any], back: int) 
         return await nc.subscribe(subjects.ALL_EVENTS, cb=cb)
 
 
+async def refresh_tasks(client: FabricClient, view: FleetView) -> bool:
+    """Ask for the task backlog once; False when no controller could say (an older
+    one refuses ``what=tasks``, or none answered): the view keeps what it had."""
+    try:
+        reply = await _discover(client, "tasks")
+    except CommandFailed as exc:
+        log.info("no task backlog: %s", exc)
+        return False
+    view.apply_tasks(reply.tasks)
+    return True
+
+
+async def _follow_tasks(client: FabricClient, view: FleetView, due: asyncio.Event) -> None:
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_TASKS_EVERY):
+                await due.wait()
+        due.clear()
+        await refresh_tasks(client, view)
+        await asyncio.sleep(_TASKS_GAP)  # a flood of task events: one refresh a second
+
+
 @contextlib.asynccontextmanager
-async def follow(client: FabricClient, view: FleetView, *, back: int = 20) -> AsyncIterator[None]:
+async def follow(
+    client: FabricClient, view: FleetView, *, back: int = 20, tasks: bool = False
+) -> AsyncIterator[None]:
     """Subscribe, seed ``view`` from discovery, and keep it current until the block ends.
 
     Subscriptions come first, so nothing between the seed and the first
@@ -263,9 +306,14 @@ async def follow(client: FabricClient, view: FleetView, *, back: int = 20) -> As
         with contextlib.suppress(ContractError):
             view.apply_heartbeat(decode(msg.data, NodeHeartbeat, max_bytes=_MAX_HEARTBEAT))
 
+    due = asyncio.Event()
+
     async def on_event(msg: Msg) -> None:
         with contextlib.suppress(ContractError):
-            view.apply_event(decode(msg.data, CloudEvent))
+            event = decode(msg.data, CloudEvent)
+            view.apply_event(event)
+            if event.kind.startswith("task.") and event.kind != "task.progress":
+                due.set()  # a task settled or moved: the backlog changed
 
     subs = [
         await nc.subscribe(subjects.ALL_AGENT_STATUS, cb=on_status),
@@ -277,7 +325,16 @@ async def follow(client: FabricClient, view: FleetView, *, back: int = 20) -> As
         agents = await _discover(client, "agents")
         view.seed(nodes.nodes, [a for a in agents.agents if a.agent_id not in view.agents])
         subs.append(await _events_subscription(nc, on_event, back))
-        yield
+        follower = None
+        if tasks:
+            await refresh_tasks(client, view)
+            follower = asyncio.create_task(_follow_tasks(client, view, due))
+        try:
+            yield
+        finally:
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
     finally:
         for sub in subs:
             with contextlib.suppress(Exception):

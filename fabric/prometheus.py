@@ -38,14 +38,11 @@ Served by aiohttp (asyncio, no thread) at ``/metrics``; ``/`` says where.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Iterator
 
-import nats.errors
-import nats.js.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -62,7 +59,7 @@ from prometheus_client.registry import Collector
 from fabric.cli import CommandFailed
 from fabric.controller.liveness import NodeFlags, node_state
 from fabric.controller.service import Controller
-from fabric.tasks.stream import TASKS_STREAM
+from fabric.tasks.backlog import queue_backlog
 from schemas import subjects
 from schemas.agent import AgentState, AgentStatus, HealthVerdict
 from schemas.codec import decode
@@ -298,19 +295,9 @@ class ControllerMetrics:
 
     async def refresh_backlog(self) -> None:
         """Messages per ``tasks.<type>.queue`` in stream TASKS (work queue: not yet acked)."""
-        js = self.controller.nc.jetstream()
-        try:
-            async with asyncio.timeout(1.0):
-                info = await js.stream_info(TASKS_STREAM, subjects_filter=subjects.TASK_QUEUES)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
-            return  # no task stream yet, or JetStream busy: the last figures stand
-        counts: dict[str, int] = {}
-        for subject, n in (info.state.subjects or {}).items():
-            with contextlib.suppress(ContractError):
-                parsed = subjects.parse_subject(subject)
-                if parsed.id is not None:
-                    counts[parsed.id] = n
-        self.backlog = counts
+        counts = await queue_backlog(self.controller.nc.jetstream())
+        if counts is not None:  # None: no task stream yet, or JetStream busy: last figures stand
+            self.backlog = counts
 
     async def _handle(self, _request: web.Request) -> web.Response:
         await self.refresh_backlog()

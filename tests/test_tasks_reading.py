@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fleetfixtures import controller_config, running
 from natsfixtures import Clients, FabricPki
 from test_tasks_cli import fabric
-from workers.rig import TaskRig
+from workers.rig import TaskRig, fast_settings
 
+from fabric.controller.service import Controller
 from fabric.nats_server import NatsServer
 from fabric.tasks.client import TaskClient
 from fabric.tasks.records import TaskState
+from schemas import subjects
+from schemas.codec import decode, encode
 from schemas.common import utc_now
+from schemas.discovery import DiscoverReply, DiscoverRequest, TaskBacklog
 
 
 @pytest.fixture
@@ -148,3 +155,79 @@ async def test_two_retries_of_one_dead_task_run_it_once(rig: TaskRig) -> None:
     assert (record.state, record.retries) == (TaskState.SUCCEEDED, 1)
     await rig.queue_drained()
     assert [e["task"] for e in rig.entries("start")] == ["twice-1"]
+
+
+# --- the backlog per type: discovery (a viewer may ask) and `fabric top` ------------
+
+
+async def test_backlog_per_type_on_discover_for_a_viewer_and_in_top(
+    rig: TaskRig, pki: FabricPki
+) -> None:
+    # A real controller beside the rig's dispatcher: its own dispatcher sees no
+    # agent at all, and is kept off "echo" so the rig's runs it.
+    ctl = Controller(await rig.clients("ctl-1"), controller_config(pki, "ctl-2"))
+    ctl.task_settings = fast_settings(type_limits={"echo": 0})  # type: ignore[attr-defined]
+    tasks = await rig.tasks()
+    viewer = await rig.clients("view-1")
+
+    async def backlog() -> dict[str, TaskBacklog]:
+        ask = encode(DiscoverRequest(what="tasks"))
+        reply = decode(
+            (await viewer.request(subjects.DISCOVER, ask, timeout=5)).data, DiscoverReply
+        )
+        return {t.type: t for t in reply.tasks}
+
+    async with running(ctl):
+        await tasks.submit("echo", {"sleep": 4, "progress": 0.3}, task_id="long-1")
+        await tasks.submit("nobody", {"n": 1}, task_id="idle-1")
+        await tasks.submit("nobody", {"n": 2}, task_id="idle-2")
+        why = "no running agent serves 'nobody'"
+        want = {
+            "echo": TaskBacklog(type="echo", backlog=1, running=1),
+            "nobody": TaskBacklog(type="nobody", backlog=2, waiting=2, reasons={why: 2}),
+        }
+        seen: dict[str, TaskBacklog] = {}
+        async with asyncio.timeout(10):
+            while (seen := await backlog()) != want:
+                pass  # each round is a request to the controller: no pause needed
+
+        code, out, err = await top(rig)
+        assert code == 0, err
+        snap = json.loads(out)
+        assert {t["type"]: (t["backlog"], t["running"], t["waiting"]) for t in snap["tasks"]} == {
+            "echo": (1, 1, 0),
+            "nobody": (2, 0, 2),
+        }
+        code, out, err = await top(rig, as_json=False)
+        assert code == 0, err
+        lines = out.splitlines()
+        at = lines.index("TASKS")
+        assert lines[at + 1].split() == ["TYPE", "BACKLOG", "RUNNING", "WAITING", "WHY"]
+        assert lines[at + 3].split()[:4] == ["nobody", "2", "0", "2"]
+        assert lines[at + 3].endswith(why)
+
+        assert (await tasks.wait("long-1", within=15)).state is TaskState.SUCCEEDED
+        async with asyncio.timeout(10):
+            while "echo" in (seen := await backlog()):
+                pass
+        assert seen == {"nobody": want["nobody"]}
+
+
+async def top(rig: TaskRig, *, as_json: bool = True) -> tuple[int, str, str]:
+    """`fabric top --once` as the viewer identity (no token key)."""
+    viewer = rig.pki["view-1"]
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "FABRIC_TOKEN_KEY"},
+        "FABRIC_NATS_URL": rig.server.url,
+        "FABRIC_CA": str(rig.pki.ca),
+        "FABRIC_CERT": str(viewer.cert),
+        "FABRIC_KEY": str(viewer.key),
+    }
+    argv = ["top", "--once", *(["--json"] if as_json else [])]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fabric", *argv,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

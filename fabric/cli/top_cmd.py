@@ -1,10 +1,12 @@
 """`fabric top [--once] [--json]`: a live full-screen view of the fleet.
 
 Nodes (state, CPU, memory, load, agents, heartbeat age), agents (node,
-state, health, pid, CPU, memory, restarts, uptime) and the last events, kept
-current by :mod:`fabric.live` (one discovery call, then subscriptions; no
-polling). The screen is redrawn when something changed, and once a second
-for the ages. Ctrl-C or ``q`` quits (exit 0).
+state, health, pid, CPU, memory, restarts, uptime), the task backlog per type
+(stored and not yet acked, running, waiting and the commonest reason why) and
+the last events, kept current by :mod:`fabric.live` (one discovery call, then
+subscriptions; the backlog is asked for again when task events say it moved,
+and every few seconds for tasks that wait in silence). The screen is
+redrawn when something changed, and once a second for the ages. Ctrl-C or ``q`` quits (exit 0).
 
 Off a terminal, or with ``--once``, it prints one snapshot and exits: the
 view as it stands once every known node has sent a heartbeat (or 1.5 s
@@ -33,6 +35,7 @@ from fabric.cli.output import STATE_STYLES, age, human_bytes, human_duration, is
 from fabric.client import FabricClient, add_client_options, run_cli
 from fabric.live import FleetView, NodeLive, follow
 from schemas.agent import AgentState, AgentStatus
+from schemas.discovery import TaskBacklog
 from schemas.event import CloudEvent
 
 __all__ = ["register", "render"]
@@ -108,6 +111,22 @@ def _agent_table(agents: list[AgentStatus], wall: datetime) -> Table:
     return table
 
 
+def _task_table(tasks: list[TaskBacklog]) -> Table:
+    table = Table(title="TASKS", title_justify="left", box=None, header_style="bold")
+    for header in ("TYPE", "BACKLOG", "RUNNING", "WAITING", "WHY"):
+        table.add_column(header, no_wrap=True)
+    for t in tasks:
+        why = max(t.reasons.items(), key=lambda kv: (kv[1], kv[0]))[0] if t.reasons else "-"
+        table.add_row(
+            t.type,
+            str(t.backlog),
+            Text(str(t.running), style="green" if t.running else ""),
+            Text(str(t.waiting), style="yellow" if t.waiting else ""),
+            why,
+        )
+    return table
+
+
 def _event_table(events: list[CloudEvent]) -> Table:
     table = Table(title="EVENTS", title_justify="left", box=None, header_style="bold")
     for header in ("TIME", "KIND", "SUBJECT", "BY"):
@@ -136,6 +155,8 @@ def render(view: FleetView, where: str) -> RenderableType:
         Text(""),
         _agent_table(agents, wall),
         Text(""),
+        _task_table(view.tasks),
+        Text(""),
         _event_table(events),
     )
 
@@ -161,7 +182,7 @@ async def _top_async(client: FabricClient, once: bool, as_json: bool) -> int:
     view = FleetView()
     changed = asyncio.Event()
     view.listeners.append(lambda _change: changed.set())
-    async with follow(client, view):
+    async with follow(client, view, tasks=True):
         if once:
             await _first_beats(view, changed)
             if as_json:

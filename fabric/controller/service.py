@@ -6,7 +6,9 @@ Every controller (queue group ``fabric-controllers``, micro service
 * ``nodes.<node_id>.register`` - records the node (KV, compare-and-set) and
   replies with the agents it should run and their epochs. The subject's
   node id is trusted: the server lets a node publish only under its own.
-* ``fabric.discover`` - nodes and agents from the local view.
+* ``fabric.discover`` - nodes and agents from the local view; the task
+  backlog per type from stream TASKS and the task records
+  (:mod:`fabric.tasks.backlog`).
 * ``fabric.api.<method>`` - the operator API (see :mod:`schemas.api`); a
   mutation is a compare-and-set write of the desired state in KV, which the
   leader's loop then carries out.
@@ -69,6 +71,7 @@ from fabric.controller.registry import Guard, Mirror, NodeEntry, delete, mutate,
 from fabric.controller.streams import Buckets, StreamSettings, ensure_state
 from fabric.spec_policy import check_spec
 from fabric.tasks.admission import Admission, attach
+from fabric.tasks.backlog import RecordCounts, backlog_report, queue_backlog
 from fabric.tasks.dispatch import Dispatcher
 from fabric.tokens import Claims, TokenIssuer, TokenVerifier
 from schemas import subjects
@@ -281,6 +284,8 @@ class Controller:
         self.nodes: Mirror[NodeEntry] | None = None
         self.deployments: Mirror[DeploymentRecord] | None = None
         self.observed: Mirror[ObservedEntry] | None = None
+        self.task_counts: RecordCounts | None = None
+        """Started by the first what=tasks discovery (see fabric.tasks.backlog)."""
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -563,6 +568,8 @@ class Controller:
     async def _discover(self, data: bytes) -> DiscoverReply:
         request = decode(data, DiscoverRequest, max_bytes=_MAX_REQUEST)
         ids = set(request.ids)
+        if request.what == "tasks":
+            return await self._discover_tasks(request, ids)
         if request.what == "nodes":
             known = self._require(self.nodes).items
             # Cheap filters first; a record (state, agents) only for what passes them.
@@ -586,6 +593,23 @@ class Controller:
         return DiscoverReply(
             agents=agents[: request.limit],
             truncated=len(agents) > request.limit,
+            answered_by=self.config.name,
+        )
+
+    async def _discover_tasks(self, request: DiscoverRequest, ids: set[str]) -> DiscoverReply:
+        stored = await queue_backlog(self.js)
+        counts = self.task_counts
+        if counts is None:
+            counts = self.task_counts = RecordCounts(self.js)
+            self._spawn(counts.run())
+        # The first answer waits for the stored records (bounded); later ones never do.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await counts.ready.wait()
+        tasks = backlog_report(stored or {}, counts, ids or None)
+        return DiscoverReply(
+            tasks=tasks[: request.limit],
+            truncated=len(tasks) > request.limit,
             answered_by=self.config.name,
         )
 
