@@ -5,7 +5,10 @@ Lines are published only while someone follows them (a ``logs`` command with
 ``logs.publish``. The node never relays output on the agent's hot path: the
 child writes to its log file, and this reads what was appended, so a slow or
 absent reader costs the agent nothing. A batch holds at most
-``MAX_BATCH_LINES``; lines beyond that are counted as dropped.
+``MAX_BATCH_LINES`` lines and ``MAX_BATCH_BYTES`` of line text; lines beyond
+that are counted as dropped. The byte bound keeps a batch well under the
+server's ``max_payload`` (1 MiB): a larger message cannot be published at
+all.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Literal
 from schemas.common import utc_now
 from schemas.logs import LogBatch, LogLine
 
-__all__ = ["MAX_BATCH_LINES", "LogStreamer"]
+__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_LINES", "LogStreamer"]
 
 Stream = Literal["stdout", "stderr"]
 MAX_BATCH_LINES = 1000
+MAX_BATCH_BYTES = 256 * 1024
+_LINE_OVERHEAD = 64  # a line's JSON around its text: timestamp, stream, quotes
 _MAX_LINE = 65536
 
 
@@ -43,6 +48,7 @@ class LogStreamer:
         self._emit = emit
         self._flush_every = flush_every
         self._pending: list[LogLine] = []
+        self._pending_bytes = 0
         self._dropped = 0
         self._seq = 0
         self.until: float = 0.0
@@ -64,10 +70,16 @@ class LogStreamer:
     async def _read(self, stream: Stream) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             async for line in self._follow(stream):
-                if len(self._pending) >= MAX_BATCH_LINES:
+                line = line[:_MAX_LINE]
+                size = len(line.encode("utf-8", "replace")) + _LINE_OVERHEAD
+                if (
+                    len(self._pending) >= MAX_BATCH_LINES
+                    or self._pending_bytes + size > MAX_BATCH_BYTES
+                ):
                     self._dropped += 1
                     continue
-                self._pending.append(LogLine(utc_now(), stream, line[:_MAX_LINE]))
+                self._pending.append(LogLine(utc_now(), stream, line))
+                self._pending_bytes += size
 
     def _flush(self) -> None:
         if not self._pending and not self._dropped:
@@ -80,5 +92,5 @@ class LogStreamer:
             dropped=self._dropped,
         )
         self._seq += 1
-        self._pending, self._dropped = [], 0
+        self._pending, self._pending_bytes, self._dropped = [], 0, 0
         self._emit(batch)

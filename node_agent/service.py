@@ -115,6 +115,7 @@ class NodeAgent:
         self._connected = asyncio.Event()
         self._actors: dict[str, str] = {}
         self._heartbeat_seq = 0
+        self._publish_errors: set[type[Exception]] = set()  # each kind logged once
         self._heartbeat_interval = config.heartbeat_interval
         self._started_at = utc_now()
         self._registered = False
@@ -517,8 +518,13 @@ class NodeAgent:
             for subject, data in batch:
                 try:
                     await nc.publish(subject, data)
-                except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError):
+                except Exception as exc:
+                    # Whatever one message does (too large, connection closed),
+                    # this loop carries the heartbeats too: it must not end.
                     self._outbox.dropped += 1
+                    if type(exc) not in self._publish_errors:
+                        self._publish_errors.add(type(exc))
+                        log.error("cannot publish on %s (%d bytes): %r", subject, len(data), exc)
 
     async def _heartbeat_loop(self) -> None:
         await self._connected.wait()

@@ -54,9 +54,15 @@ __all__ = [
 ]
 
 
-async def command(nc: Client, subject: str, message: Any, timeout: float = 10.0) -> Any:  # noqa: ASYNC109
+async def command(
+    nc: Client,
+    subject: str,
+    message: Any,
+    timeout: float = 10.0,  # noqa: ASYNC109
+    decoder: Callable[[bytes], Any] = decode_reply,
+) -> Any:
     msg = await nc.request(subject, encode(message), timeout=timeout)
-    return decode_reply(msg.data)
+    return decoder(msg.data)
 
 
 class NodeProc:
@@ -155,6 +161,7 @@ class Prober:
     make: Callable[[], Any]
     period: float = 0.2
     timeout: float = 5.0
+    decoder: Callable[[bytes], Any] = decode_reply
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     replies: list[Any] = field(default_factory=list)
@@ -164,7 +171,9 @@ class Prober:
         while True:
             started = loop.time()
             try:
-                reply = await command(self.nc, self.subject, self.make(), self.timeout)
+                reply = await command(
+                    self.nc, self.subject, self.make(), self.timeout, self.decoder
+                )
             except Exception as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
             else:

@@ -43,6 +43,7 @@ from chaosnode import (
     spare_user,
     user_pids,
 )
+from nats.aio.msg import Msg
 from natsfixtures import Clients, FabricPki
 
 from fabric.nats_server import NatsServer
@@ -430,3 +431,49 @@ async def test_disk_full_on_the_state_dir_is_survived_and_recovered_from(
         assert not any(
             psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
         )
+
+
+# 2 KB lines at ~10 MB/s: 1,000 of them (one batch's line cap) are 2 MB, over max_payload.
+LONG_LINES = (
+    "import sys, time\n"
+    "line = 'z' * 1999 + '\\n'\n"
+    "while True:\n"
+    "    sys.stdout.write(line * 100)\n"
+    "    sys.stdout.flush()\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+async def test_published_logs_of_long_lines_never_stall_the_heartbeat(
+    pki: FabricPki, nats_server: NatsServer, ops: Clients, tmp_path: Path
+) -> None:
+    iss = issuer(pki)
+    nc = await ops("view-1")
+    op = await ops("op-1")
+    beats = Beats()
+    await beats.start(nc, "n1")
+    sizes: list[int] = []
+
+    async def on_logs(msg: Msg) -> None:
+        sizes.append(len(msg.data))
+
+    await nc.subscribe(subjects.agent_logs("long"), cb=on_logs)
+    async with node_process(pki, nats_server, tmp_path / "state", tmp_path / "node.log") as node:
+        await until(lambda: len(beats.at) >= 2, within=10)
+        spec = AgentSpec(
+            name="long",
+            argv=[sys.executable, "-c", LONG_LINES],
+            start_seconds=0,
+            logs=LogSpec(publish=True, max_bytes=4 << 20, backups=0),
+        )
+        placed = await command(
+            op, subjects.node_commands("n1"), PlaceAgent(spec=spec, token=tok(iss, "agents:run"))
+        )
+        assert not isinstance(placed, ErrorReply), placed
+        mark = beats.mark()
+        await until(lambda: len(sizes) >= 10, within=10)
+        await until(lambda: len(beats.at) >= mark + 10, within=10)
+        gap = beats.max_gap(mark)
+        assert gap < MAX_GAP, f"heartbeat gap {gap:.3f}s"
+        assert max(sizes) <= nc.max_payload
+        assert "cannot publish" not in node.log()
