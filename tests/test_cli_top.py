@@ -49,6 +49,29 @@ def test_top_off_a_terminal_prints_one_snapshot_and_json(fabric: UpProcess) -> N
     )
 
 
+def test_top_shows_the_task_backlog_per_type(fabric: UpProcess) -> None:
+    # Submitted by the CLI with its own token: `fabric up` requires one, so a
+    # refused task would leave no backlog to see.
+    fabric.ok("task", "submit", "topidle", "--id", "top-idle-1", "--data", '{"n": 1}')
+
+    def waiting() -> dict[str, object] | None:
+        snap = json.loads(fabric.ok("top", "--once", "--json"))
+        found = {t["type"]: t for t in snap["tasks"]}.get("topidle")
+        return found if found and found["waiting"] == 1 else None
+
+    backlog = until("the waiting task in top's JSON", waiting)
+    assert (backlog["backlog"], backlog["running"]) == (1, 0)
+    assert backlog["reasons"] == {"no running agent serves 'topidle'": 1}
+    lines = fabric.ok("top", "--once").splitlines()
+    at = lines.index("TASKS")
+    assert lines[at + 1].split() == ["TYPE", "BACKLOG", "RUNNING", "WAITING", "WHY"]
+    row = next(line for line in lines[at:] if line.split()[:1] == ["topidle"])
+    assert row.split()[1:4] == ["1", "0", "1"]
+    assert row.endswith("no running agent serves 'topidle'")
+    record = json.loads(fabric.ok("task", "get", "top-idle-1", "--json"))
+    assert (record["state"], record["submitted_by"]) == ("queued", "admin")
+
+
 def test_top_with_no_fabric_is_one_line_exit_1(
     fabric: UpProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
