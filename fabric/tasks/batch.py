@@ -314,7 +314,7 @@ class BatchRunner:
         begun = utc_now()
         run_limit = payload.timeout if limit is None else min(payload.timeout, limit)
         expires = (since or begun) + timedelta(seconds=run_limit)
-        outcome = await self._run(task, payload, agent_id, resumed, expires, run_limit)
+        outcome = await self._run(task, payload, attempt, resumed, expires, run_limit)
         kind = {
             "succeeded": TaskOutcome.SUCCEEDED,
             "failed": TaskOutcome.FAILED,
@@ -336,12 +336,19 @@ class BatchRunner:
         self,
         task: Task,
         payload: ExecPayload,
-        agent_id: str,
+        attempt: int,
         resumed: bool,
         expires: datetime,
         run_limit: float,
     ) -> _Outcome:
         fleet, settings = self.fleet, self.settings
+        agent_id = exec_agent_id(task.id, attempt, task.retry)
+        if attempt > 1:
+            # The previous attempt's one-shot, if a failed removal left it: gone
+            # first, so two attempts never run side by side.
+            previous = exec_agent_id(task.id, attempt - 1, task.retry)
+            if fleet.record(previous) is not None or fleet.running_on(previous):
+                await self._gone(previous)
         record = fleet.record(agent_id)
         if record is None and resumed:
             # Our record says this attempt was under way, but its one-shot is
