@@ -55,8 +55,11 @@ _INPUT_CODES = frozenset({ErrorCode.INVALID_ID, ErrorCode.INVALID_PAYLOAD})
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     task = subparsers.add_parser(
         "task",
-        help="submit tasks and read their results",
-        description="Submit tasks to the queue and read their records.",
+        help="submit, list and retry tasks",
+        description=(
+            "Submit tasks to the queue (each with a fresh submit token), read their"
+            " records, list the pending and the dead ones, retry a dead one."
+        ),
     )
     verbs = task.add_subparsers(dest="task_verb", metavar="VERB")
     verbs.required = True

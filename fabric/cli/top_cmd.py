@@ -49,7 +49,7 @@ _UP = frozenset({AgentState.RUNNING, AgentState.PAUSED})
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     top = subparsers.add_parser(
         "top",
-        help="live view of nodes, agents and events",
+        help="live view of nodes, agents, task backlog and events",
         description=(
             "A live full-screen view of the fleet, updated from NATS subscriptions."
             " Ctrl-C or q quits. Off a terminal (or with --once) prints one snapshot."
