@@ -61,9 +61,13 @@ AUDITED_CODES: frozenset[ErrorCode] = frozenset(
         ErrorCode.PAYLOAD_TOO_LARGE,
         ErrorCode.INVALID_ID,
         ErrorCode.UNKNOWN_OP,
+        ErrorCode.SPEC_ENV_RESERVED,
+        ErrorCode.SPEC_CWD_FORBIDDEN,
+        ErrorCode.SPEC_ROOT_FORBIDDEN,
     }
 )
-"""Refusals worth an event: the caller's token or message is wrong."""
+"""Refusals worth an event: the caller's token or message is wrong, or its
+spec asks for what the fabric forbids (fabric.spec_policy)."""
 
 _MAX_TEXT = 128
 _MAX_TOKEN = 8192

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 from fabric.audit import Refusal
+from fabric.spec_policy import NodeSpecPolicy, check_on_node
 from fabric.tokens import Claims, TokenVerifier
 from schemas import subjects
 from schemas.agent import AgentSpec, AgentStatus, SignalName
@@ -89,7 +90,8 @@ class CommandHandler:
     owns (they outlive a single reply); ``on_accepted`` hears who asked for
     what, so the service can write it into the events it publishes;
     ``on_refused`` hears every refusal (code, subject, op, who claims to ask,
-    target) so the service can audit it.
+    target) so the service can audit it. ``policy`` is what this node lets a
+    spec ask for (fabric.spec_policy); every placed spec is checked against it.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class CommandHandler:
         on_follow_logs: Callable[[str, float], None] | None = None,
         on_refused: Callable[[Refusal], None] | None = None,
         max_bytes: int = 256 * 1024,
+        policy: NodeSpecPolicy | None = None,
     ) -> None:
         self._node_id = validate_id(node_id, "node id")
         self._sup = supervisor
@@ -114,6 +117,7 @@ class CommandHandler:
         self._on_follow_logs = on_follow_logs
         self._on_refused = on_refused
         self._max_bytes = max_bytes
+        self._policy = policy or NodeSpecPolicy()
         self.draining = False
         self.refused: Counter[ErrorCode] = Counter()
         self.accepted: Counter[str] = Counter()
@@ -225,6 +229,7 @@ class CommandHandler:
         node_id = self._node_id
         match command:
             case PlaceAgent(spec=spec, epoch=epoch):
+                check_on_node(spec, self._policy)  # before anything is stored or spawned
                 self._refuse_while_draining()
                 self._refuse_stale(spec.name, epoch)
                 status = await self._sup.place(spec, epoch)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fabric.spec_policy import NodeSpecPolicy
 from schemas.errors import ContractError
 from schemas.ids import validate_id
 
@@ -35,6 +36,10 @@ class NodeAgentConfig:
     worker_cert: Path | None = None
     worker_key: Path | None = None
     """Certificate handed to agents (``FABRIC_CERT``/``FABRIC_KEY``) for the worker SDK."""
+    allow_root_agents: bool = False
+    """Run specs whose user is uid 0 or group gid 0 (refused by default: spec_root_forbidden)."""
+    agent_cwd_root: Path | None = None
+    """When set, an agent's cwd must be this directory or below it (spec_cwd_forbidden)."""
 
     def __post_init__(self) -> None:
         validate_id(self.node_id, "node id")
@@ -42,6 +47,15 @@ class NodeAgentConfig:
             validate_id(capability, "capability")
         if self.heartbeat_interval <= 0 or self.metrics_interval <= 0:
             raise ValueError("intervals must be positive")
+        if self.agent_cwd_root is not None and not self.agent_cwd_root.is_absolute():
+            raise ValueError(f"agent cwd root must be an absolute path, not {self.agent_cwd_root}")
+
+    @property
+    def spec_policy(self) -> NodeSpecPolicy:
+        """What this node lets a spec ask for (fabric.spec_policy)."""
+        return NodeSpecPolicy(
+            allow_root_agents=self.allow_root_agents, cwd_root=self.agent_cwd_root
+        )
 
     def agent_env(self, agent_id: str) -> dict[str, str]:
         """What an agent's process learns about the fabric from its environment."""

@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_path("FABRIC_WORKER_KEY"),
         help="worker key passed to agents as FABRIC_KEY (env FABRIC_WORKER_KEY)",
     )
+    p.add_argument(
+        "--allow-root-agents",
+        action="store_true",
+        default=_env_flag("FABRIC_ALLOW_ROOT_AGENTS"),
+        help="run specs whose user is uid 0 or group gid 0 (env FABRIC_ALLOW_ROOT_AGENTS=1; "
+        "default: refuse them, spec_root_forbidden)",
+    )
+    p.add_argument(
+        "--agent-cwd-root",
+        type=Path,
+        default=env_path("FABRIC_AGENT_CWD_ROOT"),
+        metavar="DIR",
+        help="an agent's cwd must be DIR or below it (env FABRIC_AGENT_CWD_ROOT; "
+        "default: any absolute path)",
+    )
     p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
     p.add_argument("--metrics-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument(
@@ -114,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _token_keys(args: argparse.Namespace) -> tuple[Path, ...]:
@@ -145,6 +164,8 @@ def _config(args: argparse.Namespace) -> NodeAgentConfig:
         on_sigterm=args.on_sigterm,
         worker_cert=args.worker_cert,
         worker_key=args.worker_key,
+        allow_root_agents=args.allow_root_agents,
+        agent_cwd_root=args.agent_cwd_root,
     )
 
 

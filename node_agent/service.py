@@ -161,6 +161,7 @@ class NodeAgent:
                 on_follow_logs=self.follow_logs,
                 on_refused=self._on_refused,
                 max_bytes=cfg.max_command_bytes,
+                policy=cfg.spec_policy,
             )
             for status in sup.statuses():
                 self._on_status(status)

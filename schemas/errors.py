@@ -36,6 +36,10 @@ class ErrorCode(StrEnum):
     TOKEN_SCOPE = "token_scope"
     TOKEN_WRONG_TARGET = "token_wrong_target"
     TOKEN_REPLAYED = "token_replayed"
+    # The spec asks for more than the fabric or the node allows (fabric.spec_policy).
+    SPEC_ENV_RESERVED = "spec_env_reserved"
+    SPEC_CWD_FORBIDDEN = "spec_cwd_forbidden"
+    SPEC_ROOT_FORBIDDEN = "spec_root_forbidden"
     # The request is well formed but cannot be done now.
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
