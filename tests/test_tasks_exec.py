@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 from agents.harness import until
@@ -28,6 +29,7 @@ from workers.rig import TaskRig, fast_settings
 from fabric.controller.service import Controller
 from fabric.nats_server import NatsServer
 from fabric.tasks.batch import (
+    BatchRunner,
     ExecSettings,
     clip_tail,
     describe_end,
@@ -39,9 +41,12 @@ from fabric.tasks.batch import (
 from fabric.tasks.records import DeadTask, TaskState
 from fabric.tasks.stream import DEAD_STREAM
 from schemas.agent import AgentState, AgentStatus, RestartPolicyKind, Transition
+from schemas.api import Deployment, DeploymentRecord, ReplicaPlacement
 from schemas.codec import decode
+from schemas.command import CommandResult, LogLinesResult, StatusAgent, TailLogs
 from schemas.errors import ContractError, ErrorCode
 from schemas.ids import validate_id
+from schemas.task import Task, TaskOutcome, TaskResult
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -139,6 +144,151 @@ def test_end_of_run_described() -> None:
     assert describe_end(killed, []) == "killed by SIGKILL"
     failed = _status(AgentState.FAILED, reason="cannot spawn: no such file")
     assert describe_end(failed, []) == "could not run: cannot spawn: no such file"
+
+
+class FakeFleet:
+    """An :class:`~fabric.tasks.batch.ExecFleet` the test steers by hand."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, DeploymentRecord] = {}
+        self.states: dict[str, AgentState] = {}
+        self.created: list[str] = []
+        self.removed: list[str] = []
+        self.looked: list[tuple[str, int]] = []
+        """Where the runner looked for its agent, in order."""
+
+    def place(self, name: str, node_id: str | None, epoch: int = 1, reason: str = "") -> None:
+        record = self.records[name]
+        replica = ReplicaPlacement(agent_id=name, node_id=node_id, epoch=epoch, reason=reason)
+        self.records[name] = msgspec.structs.replace(record, replicas=[replica])
+
+    def record(self, name: str) -> DeploymentRecord | None:
+        return self.records.get(name)
+
+    async def create(self, deployment: Deployment, created_by: str) -> None:
+        self.created.append(deployment.name)
+        self.records[deployment.name] = DeploymentRecord(deployment=deployment)
+
+    async def remove(self, name: str) -> None:
+        self.removed.append(name)
+        self.records.pop(name, None)  # as the leader does once its node stopped it
+        self.states.pop(name, None)
+
+    def observed(self, agent_id: str, node_id: str, epoch: int) -> AgentState | None:
+        self.looked.append((node_id, epoch))
+        return self.states.get(agent_id)
+
+    def running_on(self, agent_id: str) -> list[str]:
+        state = self.states.get(agent_id)
+        return ["n1"] if state is not None and state is AgentState.RUNNING else []
+
+    async def command(
+        self, agent_id: str, node_id: str, command: StatusAgent | TailLogs
+    ) -> CommandResult:
+        if isinstance(command, TailLogs):
+            lines = ["out"] if command.stream == "stdout" else []
+            return CommandResult(
+                op="logs", node_id=node_id, logs=LogLinesResult(stream=command.stream, lines=lines)
+            )
+        status = _status(self.states[agent_id], exit_code=0)
+        return CommandResult(op="status", node_id=node_id, status=status)
+
+
+TRUE = parse_payload({"argv": ["true"]})
+
+
+def _task(task_id: str = "t1", **kw: Any) -> Task:
+    return Task(id=task_id, type="exec", payload={"argv": ["true"]}, **kw)
+
+
+def _start(runner: BatchRunner, attempt: int) -> asyncio.Task[tuple[TaskResult, str | None]]:
+    return asyncio.create_task(runner.run(_task(), TRUE, attempt, resumed=False))
+
+
+async def _step(fleet: FakeFleet, cond: Any) -> None:
+    await until(cond, within=5, step=0.005)
+
+
+async def test_runner_creates_watches_collects_and_removes() -> None:
+    fleet = FakeFleet()
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005))
+    run = asyncio.create_task(
+        runner.run(_task(), parse_payload({"argv": ["true"]}), 1, resumed=False)
+    )
+    await _step(fleet, lambda: fleet.created == ["exec-t1-1"])
+    fleet.place("exec-t1-1", "n1")
+    fleet.states["exec-t1-1"] = AgentState.RUNNING
+    fleet.states["exec-t1-1"] = AgentState.EXITED
+    result, node_id = await asyncio.wait_for(run, 5)
+    assert result.outcome is TaskOutcome.SUCCEEDED and node_id == "n1"
+    assert result.result["stdout"] == ["out"] and result.result["duration"] == 2.5
+    assert fleet.removed == ["exec-t1-1"]
+
+
+async def test_runner_resumed_finds_the_same_one_shot_and_never_creates_another() -> None:
+    fleet = FakeFleet()
+    await fleet.create(one_shot(parse_payload({"argv": ["true"]}), "exec-t1-1"), "op")
+    fleet.created.clear()
+    fleet.place("exec-t1-1", "n1")
+    fleet.states["exec-t1-1"] = AgentState.EXITED
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005))
+    result, _ = await runner.run(_task(), parse_payload({"argv": ["true"]}), 1, resumed=True)
+    assert result.outcome is TaskOutcome.SUCCEEDED and fleet.created == []
+
+
+async def test_runner_resumed_but_vanished_counts_the_attempt_without_running() -> None:
+    fleet = FakeFleet()
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005))
+    result, _ = await runner.run(_task(), parse_payload({"argv": ["true"]}), 1, resumed=True)
+    assert result.outcome is TaskOutcome.FAILED and "vanished" in (result.error or "")
+    assert fleet.created == []
+
+
+async def test_runner_moved_by_the_leader_is_a_lost_attempt() -> None:
+    fleet = FakeFleet()
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005))
+    run = asyncio.create_task(
+        runner.run(_task(), parse_payload({"argv": ["true"]}), 2, resumed=False)
+    )
+    await _step(fleet, lambda: fleet.created == ["exec-t1-2"])
+    fleet.place("exec-t1-2", "n1", epoch=3)
+    fleet.states["exec-t1-2"] = AgentState.RUNNING
+    await _step(fleet, lambda: ("n1", 3) in fleet.looked)
+    fleet.place("exec-t1-2", "n2", epoch=4)  # its node lost: placed elsewhere
+    result, node_id = await asyncio.wait_for(run, 5)
+    assert result.outcome is TaskOutcome.FAILED and node_id == "n1"
+    assert result.error == "node n1 was lost while it ran exec-t1-2"
+    assert "exec-t1-2" in fleet.removed
+
+
+async def test_runner_with_no_matching_node_hands_the_task_back() -> None:
+    fleet = FakeFleet()
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005, place_wait=0.05))
+    run = asyncio.create_task(
+        runner.run(_task(), parse_payload({"argv": ["true"]}), 1, resumed=False)
+    )
+    await _step(fleet, lambda: fleet.created == ["exec-t1-1"])
+    fleet.place("exec-t1-1", None, reason="no node has label zone=b")
+    result, _ = await asyncio.wait_for(run, 5)
+    assert result.outcome is TaskOutcome.RETRY
+    assert result.error == "no node can run it yet: no node has label zone=b"
+    assert fleet.removed == ["exec-t1-1"]
+
+
+async def test_runner_removes_a_leftover_of_the_previous_attempt_first() -> None:
+    fleet = FakeFleet()
+    await fleet.create(one_shot(parse_payload({"argv": ["true"]}), "exec-t1-1"), "op")
+    fleet.place("exec-t1-1", "n1")
+    fleet.states["exec-t1-1"] = AgentState.RUNNING
+    fleet.created.clear()
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005))
+    run = asyncio.create_task(
+        runner.run(_task(), parse_payload({"argv": ["true"]}), 2, resumed=False)
+    )
+    await _step(fleet, lambda: fleet.created == ["exec-t1-2"])
+    assert fleet.removed == ["exec-t1-1"]  # before the new one was created
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
 
 
 # --- real controller and nodes ---------------------------------------------------
