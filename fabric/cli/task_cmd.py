@@ -302,6 +302,8 @@ async def _ls_async(client: FabricClient, args: argparse.Namespace) -> int:
         )
     except ContractError as exc:
         raise _refused(exc) from None
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise _unreadable("task records", exc) from None
     if args.json:
         print_json(records)
         return 0
@@ -327,6 +329,13 @@ async def _ls_async(client: FabricClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _unreadable(what: str, exc: BaseException) -> CommandFailed:
+    # A viewer identity has no JetStream access beyond the event stream.
+    return CommandFailed(
+        f"cannot read the {what} ({exc or type(exc).__name__}): this needs an operator identity"
+    )
+
+
 def pending_reason(record: TaskRecord) -> str:
     """Why a task that is neither running nor finished waits."""
     if record.waiting:
@@ -346,6 +355,8 @@ async def _dead_ls_async(client: FabricClient, args: argparse.Namespace) -> int:
         letters = await tasks.dead(args.type)
     except ContractError as exc:
         raise _refused(exc) from None
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise _unreadable("dead letters", exc) from None
     shown = [d for d in letters if args.all or not d.retried]
     if args.json:
         print_json([_letter_json(d) for d in shown])
@@ -358,7 +369,9 @@ async def _dead_ls_async(client: FabricClient, args: argparse.Namespace) -> int:
             d.record.state.value if d.record else "dead",
             str(d.letter.attempts),
             human_duration(age(d.letter.dead_at, now)),
-            _clip(d.letter.error, 60),
+            # The record has the latest error: a retry that died again within the
+            # dead stream's duplicate window left no second letter.
+            _clip((d.record.error if d.record and d.record.error else None) or d.letter.error, 60),
         ]
         for d in shown
     ]
