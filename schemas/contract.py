@@ -165,7 +165,10 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         Family.TASK_QUEUE,
         "tasks.{task_type}.queue",
-        "Task submission into the JetStream TASKS stream (Nats-Msg-Id = task id).",
+        "Task submission into the JetStream TASKS stream (Nats-Msg-Id = task id, or"
+        " <id>.retry<n> for an operator's n-th retry of a dead task). The task carries a"
+        " token with scope tasks:submit; a controller that requires one refuses a task"
+        " without a valid one (record state refused, with the code) and never runs it.",
         ("operator", "controller"),
         "Task",
     ),
@@ -179,7 +182,8 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         Family.DISCOVER,
         "fabric.discover",
-        "Find nodes and agents; answered by controllers from the registry.",
+        "Find nodes and agents (answered by controllers from the registry), or the task"
+        " backlog per type (what=tasks: from stream TASKS and the task records).",
         ("operator", "viewer", "node"),
         "DiscoverRequest",
         ("DiscoverReply", "ErrorReply"),
