@@ -31,7 +31,7 @@ from schemas.event import CloudEvent
 from schemas.logs import LogBatch
 from schemas.node import NodeHeartbeat, RegisterReply, RegisterRequest
 from schemas.subjects import Family
-from schemas.task import Task, TaskAssignment, TaskProgress, TaskResult
+from schemas.task import ExecPayload, ExecResult, Task, TaskAssignment, TaskProgress, TaskResult
 
 __all__ = ["CHANNELS", "MESSAGES", "ApiRequest", "Channel"]
 
@@ -82,6 +82,8 @@ MESSAGES: dict[str, Any] = {
     "TaskAssignment": TaskAssignment,
     "TaskResult": TaskResult,
     "TaskProgress": TaskProgress,
+    "ExecPayload": ExecPayload,
+    "ExecResult": ExecResult,
     "CloudEvent": CloudEvent,
     "DiscoverRequest": DiscoverRequest,
     "DiscoverReply": DiscoverReply,

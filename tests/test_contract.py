@@ -57,7 +57,16 @@ from schemas.node import (
     RegisterReply,
     RegisterRequest,
 )
-from schemas.task import Task, TaskAssignment, TaskOutcome, TaskProgress, TaskResult
+from schemas.task import (
+    ExecConstraints,
+    ExecPayload,
+    ExecResult,
+    Task,
+    TaskAssignment,
+    TaskOutcome,
+    TaskProgress,
+    TaskResult,
+)
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC)
 SPEC = AgentSpec(
@@ -133,6 +142,21 @@ SAMPLES: dict[str, list[Any]] = {
         )
     ],
     "TaskProgress": [TaskProgress(task_id="t-1", agent_id="web", attempt=1, fraction=0.5, at=NOW)],
+    "ExecPayload": [
+        ExecPayload(argv=["true"]),
+        ExecPayload(
+            argv=["make", "test"],
+            env={"CI": "1"},
+            cwd="/srv",
+            timeout=600,
+            constraints=ExecConstraints(labels={"zone": "b"}, capabilities=["build"]),
+            tail=20,
+        ),
+    ],
+    "ExecResult": [
+        ExecResult(exit_code=0, duration=1.5, agent_id="exec-t-1-1", node_id="n1", stdout=["ok"]),
+        ExecResult(signal="SIGKILL", duration=600.0, agent_id="exec-t-1-2", node_id="n2"),
+    ],
     "CloudEvent": [make_event("agent.exited", source="/nodes/n1", subject="web", data={"code": 1})],
     "DiscoverRequest": [DiscoverRequest(what="nodes", labels={"tier": "front"})],
     "DiscoverReply": [
