@@ -1,0 +1,895 @@
+"""The task queue benchmark (issue 5): tasks through the whole fabric beside raw
+JetStream and beside Celery with a Redis broker.
+
+Run from the repository root::
+
+    python bench/tasks.py [--quick] [--json]
+
+One run measures, on this machine:
+
+* **fabric**: ``fabric up --port 0`` in a temporary state directory (its TLS
+  nats-server, its controller, one ``fabric-node``), exactly as a user starts
+  it; a deployment of 4 worker agents (this file run as ``tasks.py worker``,
+  a :mod:`fabric.worker` with a handler that returns its payload), placed by
+  the controller and spawned by the node agent. The bench submits tasks with
+  :class:`fabric.tasks.client.TaskClient` (256 submissions in flight) and
+  counts ``events.task.succeeded``: the dispatcher publishes that event after
+  the result is stored in KV and before it acks the task. Throughput is
+  tasks / (last event - first submission); the run then checks that stream
+  ``TASKS`` is empty (every task acked).
+* **raw JetStream** (the ceiling), on the same nats-server while the fabric is
+  up and idle: a work-queue file stream like ``TASKS``, one consumer process
+  (``tasks.py raw-consumer``) with 4 coroutines pulling batches and acking
+  each message, the bench publishing with ``publish_async``. No
+  envelope, no record, no result, no dispatch hop.
+* **Celery** 5 with a Redis broker and result backend, from the bench's own
+  venv ``bench/.venv-celery`` (created on first use: ``python -m venv`` and
+  ``pip install celery redis``), a Debian ``redis-server`` on a free loopback
+  port in a temporary directory (persistence off), ``celery worker -c 4``
+  (prefork, default prefetch), the same echo task. The client (a script run
+  by the venv's Python) submits with ``delay()`` from 8 threads (one thread
+  waits on Redis round trips: 2.6x slower) and timestamps each result
+  as the Redis result backend publishes it (``PSUBSCRIBE celery-task-meta-*``).
+* **latency**: submissions paced at 10 % of the fabric's measured throughput
+  (the same rate for Celery), submit-to-result p50/p99 (fabric: call to
+  ``submit`` -> ``events.task.succeeded`` arrives; Celery: call to
+  ``delay`` -> the result's publish arrives).
+
+Every process the run starts carries an environment marker; whatever is left
+at the end (even after Ctrl-C or an error) is killed by pid. ``--json``
+prints the results as JSON instead of the table; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import msgspec
+import psutil
+from _common import ROOT, Marker, machine, pct, render_table, stop_process
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from fabric.connect import connect
+
+TASK_TYPE = "bench-echo"
+DEPLOYMENT = "bench-echo"
+WORKERS = 4
+RAW_ID = "bench-raw"
+RAW_STREAM = "BENCH_RAW"
+RAW_SUBJECT = "tasks.bench-raw.raw"
+RAW_CONSUMER = "bench-raw"
+RAW_PULLERS = 4
+RAW_BATCH = 64
+IN_FLIGHT = 256
+LATENCY_SHARE = 0.10
+CELERY_LANES = 8
+VENV = Path(__file__).resolve().parent / ".venv-celery"
+HERE = Path(__file__).resolve()
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    fabric_tasks: int
+    raw_messages: int
+    celery_tasks: int
+    latency_seconds: float
+    warmup: int = 200
+    worker_concurrency: int = 16
+
+
+FULL = Plan(fabric_tasks=20_000, raw_messages=100_000, celery_tasks=20_000, latency_seconds=20)
+QUICK = Plan(fabric_tasks=3_000, raw_messages=20_000, celery_tasks=3_000, latency_seconds=5)
+
+
+@dataclass
+class Results:
+    fabric_rate: float | None = None
+    fabric_submit_rate: float | None = None
+    raw_rate: float | None = None
+    raw_publish_rate: float | None = None
+    celery_rate: float | None = None
+    celery_submit_rate: float | None = None
+    latency_rate: float | None = None
+    fabric_latency: list[float] = field(default_factory=list)
+    celery_latency: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+# --- the worker agent and the raw consumer (subcommands) ----------------------------
+
+
+def run_worker(concurrency: int) -> None:
+    """``tasks.py worker``: what each of the 4 agents runs (env from the node agent)."""
+    from fabric.worker import Worker
+
+    worker = Worker()
+
+    @worker.task(TASK_TYPE, concurrency=concurrency)
+    async def echo(_ctx: Any, payload: Any) -> Any:
+        return payload
+
+    worker.main()
+
+
+async def raw_consumer(url: str, ca: str, cert: str, key: str, count: int) -> None:
+    """``tasks.py raw-consumer``: pull and ack ``count`` messages, then print when."""
+    nc = await connect(url, ca=Path(ca), cert=Path(cert), key=Path(key), name="bench-raw-consumer")
+    js = nc.jetstream()
+    done = asyncio.Event()
+    seen = 0
+
+    async def puller() -> None:
+        # One pull subscription each: concurrent fetches on one subscription share
+        # its inbox and steal each other's messages.
+        nonlocal seen
+        psub = await js.pull_subscribe_bind(
+            durable=RAW_CONSUMER, stream=RAW_STREAM, pending_msgs_limit=0
+        )
+        while not done.is_set():
+            try:
+                msgs = await psub.fetch(RAW_BATCH, timeout=1.0)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                await msg.ack()
+                seen += 1
+            if seen >= count:
+                done.set()
+
+    print("ready", flush=True)
+    pullers = [asyncio.create_task(puller()) for _ in range(RAW_PULLERS)]
+    await done.wait()
+    await nc.flush()
+    end = time.monotonic()
+    print(f"done {end!r} {seen}", flush=True)
+    for task in pullers:
+        task.cancel()
+    await asyncio.gather(*pullers, return_exceptions=True)
+    await nc.close()
+
+
+# --- fabric -------------------------------------------------------------------------
+
+
+class _Event(msgspec.Struct):
+    subject: str = ""
+
+
+class Succeeded:
+    """``events.task.succeeded``: arrival time per task id, and a wait for a set of ids."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+        self._want: set[str] = set()
+        self._all = asyncio.Event()
+        self._decoder = msgspec.json.Decoder(_Event)
+
+    async def handle(self, msg: Msg) -> None:
+        now = time.monotonic()
+        task_id = self._decoder.decode(msg.data).subject
+        self.at.setdefault(task_id, now)
+        if self._want:
+            self._want.discard(task_id)
+            if not self._want:
+                self._all.set()
+
+    async def wait_all(self, ids: Sequence[str], within: float) -> None:
+        self._want = {i for i in ids if i not in self.at}
+        self._all.clear()
+        if not self._want:
+            return
+        try:
+            async with asyncio.timeout(within):
+                await self._all.wait()
+        except TimeoutError:
+            missing = len(self._want)
+            raise RuntimeError(
+                f"{missing} of {len(ids)} tasks not done within {within:g} s"
+            ) from None
+
+
+class FabricUp:
+    """``fabric up`` as a subprocess in a temporary state directory."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="fabric-bench-tasks-"))
+        self.log = self.dir / "fabric-up.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from fabric.pki import issue_identity
+        from fabric.up import prepare_pki
+
+        # The PKI fabric up would make, plus a controller-role identity for the raw
+        # JetStream client (the server's users are the inventory at start).
+        pki = self.dir / "pki"
+        prepare_pki(pki, 1)
+        issue_identity(pki, "controller", RAW_ID)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
+        argv = [sys.executable, "-m", "fabric", "up", "--state-dir", str(self.dir), "--port", "0"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def ready(self, within: float = 60) -> None:
+        env_file = self.dir / "fabric.env"
+        deadline = time.monotonic() + within
+        while not env_file.exists():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fabric up exited:\n{_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fabric up not ready after {within:g} s:\n{_tail(self.log)}")
+            await asyncio.sleep(0.1)
+
+    def child_pid(self, *words: str) -> int | None:
+        if self.proc is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cmd = child.cmdline()
+                    if all(w in cmd for w in words):
+                        return int(child.pid)
+        return None
+
+    def stop(self) -> int | None:
+        try:
+            return None if self.proc is None else stop_process(self.proc, 60)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def submit_all(
+    submit: Callable[[int], Any], count: int, in_flight: int = IN_FLIGHT
+) -> tuple[float, float]:
+    """Call ``submit(i)`` for i in range(count), ``in_flight`` at once: (start, end)."""
+    counter = itertools.count()
+
+    async def lane() -> None:
+        while (i := next(counter)) < count:
+            await submit(i)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(lane() for _ in range(min(in_flight, count))))
+    return t0, time.monotonic()
+
+
+async def deploy_workers(client: Any, concurrency: int, within: float = 60) -> None:
+    from schemas.agent import AgentSpec, AgentState, AgentStatus
+    from schemas.api import CreateDeployment, Deployment
+    from schemas.codec import decode
+
+    ids = {f"{DEPLOYMENT}-{i}" for i in range(WORKERS)}
+    up: set[str] = set()
+    all_up = asyncio.Event()
+
+    async def on_status(msg: Msg) -> None:
+        status = decode(msg.data, AgentStatus)
+        if status.agent_id in ids and status.state is AgentState.RUNNING:
+            up.add(status.agent_id)
+            if up == ids:
+                all_up.set()
+
+    sub = await client.nc.subscribe("agents.*.status", cb=on_status)
+    await client.nc.flush()
+    spec = AgentSpec(
+        name=DEPLOYMENT,
+        argv=[sys.executable, str(HERE), "worker", "--concurrency", str(concurrency)],
+        capabilities=[TASK_TYPE],
+        start_seconds=0,
+        stop_timeout=5,
+    )
+    await client.api("create", CreateDeployment(deployment=Deployment(spec=spec, replicas=WORKERS)))
+    try:
+        async with asyncio.timeout(within):
+            await all_up.wait()
+    finally:
+        await sub.unsubscribe()
+
+
+async def run_fabric(plan: Plan, res: Results) -> None:
+    from fabric.client import open_client
+    from fabric.tasks.client import TaskClient, new_task_id
+    from fabric.tasks.stream import TASKS_STREAM
+
+    fab = FabricUp()
+    log(f"fabric up in {fab.dir}")
+    fab.start()
+    try:
+        await fab.ready()
+        res.extra["fabric_controller_pid"] = fab.child_pid("controller", "run")
+        res.extra["fabric_node_pid"] = fab.child_pid("node_agent.main")
+        async with open_client(state_dir=fab.dir, name="bench-tasks") as client:
+            nc: Client = client.nc
+            done = Succeeded()
+            await nc.subscribe("events.task.succeeded", cb=done.handle)
+            await nc.flush()
+            log(f"deploying {WORKERS} worker agents")
+            await deploy_workers(client, plan.worker_concurrency)
+            # As `fabric task submit` does: a fresh signed token (scope tasks:submit) per task.
+            tasks = TaskClient(
+                nc, submitted_by=client.subject, token=lambda: client.mint(["tasks:submit"])
+            )
+            js = nc.jetstream()
+
+            log(f"warm-up: {plan.warmup} tasks")
+            ids = [(await tasks.submit(TASK_TYPE, {"i": i})).task.id for i in range(plan.warmup)]
+            await done.wait_all(ids, within=120)
+
+            await run_raw(plan, res, fab, nc)
+
+            log(f"fabric: {plan.fabric_tasks} tasks, {IN_FLIGHT} submissions in flight")
+            made = [new_task_id() for _ in range(plan.fabric_tasks)]
+
+            async def one(i: int) -> None:
+                await tasks.submit(TASK_TYPE, {"i": i}, task_id=made[i])
+
+            t0, t_sub = await submit_all(one, plan.fabric_tasks)
+            await done.wait_all(made, within=600)
+            last = max(done.at[i] for i in made)
+            res.fabric_rate = plan.fabric_tasks / (last - t0)
+            res.fabric_submit_rate = plan.fabric_tasks / (t_sub - t0)
+            async with asyncio.timeout(30):
+                while (await js.stream_info(TASKS_STREAM)).state.messages:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            res.extra["fabric_tasks_stream_empty_after_s"] = round(time.monotonic() - last, 3)
+
+            rate = res.fabric_rate * LATENCY_SHARE
+            res.latency_rate = rate
+            n = max(50, int(rate * plan.latency_seconds))
+            log(f"fabric latency: {n} tasks at {rate:.0f}/s")
+            res.fabric_latency = await paced_fabric(tasks, done, rate, n)
+    except BaseException:
+        for name in ("fabric-up.log", "logs/controller-1.log", "logs/local-1.log"):
+            log(f"--- {name}:\n{_tail(fab.dir / name)}")
+        raise
+    finally:
+        code = await asyncio.to_thread(fab.stop)
+        res.extra["fabric_up_exit_code"] = code
+
+
+async def paced_fabric(tasks: Any, done: Succeeded, rate: float, n: int) -> list[float]:
+    from fabric.tasks.client import new_task_id
+
+    made = [new_task_id() for _ in range(n)]
+    sent: dict[str, float] = {}
+    pending: list[asyncio.Task[Any]] = []
+    t0 = time.monotonic()
+    for i, task_id in enumerate(made):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[task_id] = time.monotonic()
+        pending.append(asyncio.create_task(tasks.submit(TASK_TYPE, {"i": i}, task_id=task_id)))
+    await asyncio.gather(*pending)
+    await done.wait_all(made, within=120)
+    return [done.at[i] - sent[i] for i in made]
+
+
+# --- raw JetStream --------------------------------------------------------------------
+
+
+async def run_raw(plan: Plan, res: Results, fab: FabricUp, _fabric_nc: Client) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+    from fabric.env import find_fabric
+
+    env = find_fabric(fab.dir)
+    pki = fab.dir / "pki"
+    cert, key = pki / f"{RAW_ID}.crt", pki / f"{RAW_ID}.key"
+    nc = await connect(env.url, ca=env.ca, cert=cert, key=key, name="bench-raw-publisher")
+    js = nc.jetstream()
+    consumer: subprocess.Popen[bytes] | None = None
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=RAW_STREAM,
+                subjects=[RAW_SUBJECT],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            )
+        )
+        await js.add_consumer(
+            RAW_STREAM,
+            ConsumerConfig(
+                durable_name=RAW_CONSUMER,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+                max_ack_pending=20_000,
+            ),
+        )
+        argv = [sys.executable, str(HERE), "raw-consumer", env.url, str(env.ca), str(cert)]
+        argv += [str(key), str(plan.raw_messages)]
+        consumer = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)  # noqa: ASYNC220
+        assert consumer.stdout is not None
+        line = await asyncio.to_thread(consumer.stdout.readline)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"raw consumer did not start: {line!r}")
+        log(f"raw JetStream: {plan.raw_messages} messages, publish_async")
+        body = b'{"i": 0}'
+        t0 = time.monotonic()
+        acks = [await js.publish_async(RAW_SUBJECT, body) for _ in range(plan.raw_messages)]
+        await asyncio.gather(*acks)
+        t_pub = time.monotonic()
+        async with asyncio.timeout(300):
+            line = await asyncio.to_thread(consumer.stdout.readline)
+        word, end, seen = line.decode().split()
+        assert word == "done", line
+        res.raw_rate = int(seen) / (float(end) - t0)
+        res.raw_publish_rate = plan.raw_messages / (t_pub - t0)
+        await js.delete_stream(RAW_STREAM)
+    finally:
+        if consumer is not None:
+            await asyncio.to_thread(stop_process, consumer, 5)
+            if consumer.stdout is not None:
+                consumer.stdout.close()
+        await nc.close()
+
+
+# --- Celery + Redis -----------------------------------------------------------------
+
+CELERY_APP = '''\
+"""Generated by bench/tasks.py: the Celery app both the worker and the client load."""
+import os
+
+from celery import Celery
+
+app = Celery("bench", broker=os.environ["BENCH_REDIS"], backend=os.environ["BENCH_REDIS"])
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task(name="echo")
+def echo(payload):
+    return payload
+'''
+
+CELERY_CLIENT = '''\
+"""Generated by bench/tasks.py: submits echo tasks and timestamps their results.
+
+    client.py throughput N LANES        -> {"t0", "t_submitted", "t_last", "n"}
+    client.py latency N LANES RATE      -> {"latency": [seconds, ...]}
+
+A result counts when the Redis result backend publishes it (it SETs the key
+and PUBLISHes it on the channel of the same name): PSUBSCRIBE on
+celery-task-meta-* in a thread, time.monotonic() on arrival.
+"""
+import json
+import os
+import sys
+import threading
+import time
+
+import redis
+
+from bench_celery import app, echo
+
+PREFIX = "celery-task-meta-"
+
+
+class Results:
+    def __init__(self):
+        self.at = {}
+        self.want = None
+        self.all = threading.Event()
+        self.lock = threading.Lock()
+        # Kept: a collected Redis client closes its pool, the PubSub's connection too.
+        self.redis = redis.Redis.from_url(os.environ["BENCH_REDIS"])
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(PREFIX + "*")
+        self.thread = threading.Thread(target=self.listen, daemon=True)
+        self.thread.start()
+
+    def listen(self):
+        for msg in self.pubsub.listen():
+            now = time.monotonic()
+            if msg["type"] != "pmessage":
+                continue
+            task_id = msg["channel"].decode()[len(PREFIX):]
+            with self.lock:
+                self.at.setdefault(task_id, now)
+                if self.want and task_id in self.want:
+                    self.want.discard(task_id)
+                    if not self.want:
+                        self.all.set()
+
+    def expect(self, ids):
+        with self.lock:
+            self.all.clear()
+            self.want = {i for i in ids if i not in self.at}
+            if not self.want:
+                self.all.set()
+
+    def wait(self, within):
+        if not self.all.wait(within):
+            raise SystemExit(f"{len(self.want)} results missing after {within} s")
+
+
+def submit(n, rate, lanes):
+    """delay() n tasks from `lanes` threads (serial delay() waits on Redis round
+    trips), paced at `rate` per second (None: as fast as they go); {id: time}."""
+    sent = {}
+    t0 = time.monotonic()
+
+    def lane(k):
+        for i in range(k, n, lanes):
+            if rate is not None:
+                delay = t0 + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            at = time.monotonic()
+            sent[echo.delay({"i": i}).id] = at
+
+    threads = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sent
+
+
+def main():
+    mode, n, lanes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    results = Results()
+    time.sleep(0.2)  # the PSUBSCRIBE is in place
+    # warm up: connections, the worker's pool
+    results.expect(list(submit(100, None, lanes)))
+    results.wait(60)
+    if mode == "throughput":
+        t0 = time.monotonic()
+        sent = submit(n, None, lanes)
+        t_sub = time.monotonic()
+        results.expect(list(sent))
+        results.wait(900)
+        print(json.dumps({"t0": t0, "t_submitted": t_sub,
+                          "t_last": max(results.at[i] for i in sent), "n": n}))
+    else:
+        sent = submit(n, float(sys.argv[4]), lanes)
+        results.expect(list(sent))
+        results.wait(300)
+        print(json.dumps({"latency": [results.at[i] - t for i, t in sent.items()]}))
+
+
+main()
+'''
+
+
+def ensure_celery() -> tuple[Path, str]:
+    """Python of the bench's Celery venv, created and filled on first use; its versions."""
+    python = VENV / "bin" / "python"
+    # kombu 5.7's Redis transport imports `packaging` without declaring it.
+    probe = (
+        "import celery, redis, kombu.transport.redis; print(celery.__version__, redis.__version__)"
+    )
+    if not (VENV / "bin" / "celery").exists():
+        log(f"creating {VENV} and installing celery and redis (first run only)")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode != 0:
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "celery", "redis", "packaging"],
+            check=True,
+        )
+    version = subprocess.run(
+        [str(python), "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return python, f"Celery {version[0]}, redis-py {version[1]}"
+
+
+def ensure_redis() -> Path:
+    """Debian's redis-server; installed with apt-get when missing and we are root."""
+    found = shutil.which("redis-server")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        log("installing redis-server from Debian's packages")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        subprocess.run(["apt-get", "install", "-y", "redis-server"], check=False, **quiet)  # type: ignore[call-overload]
+        if shutil.which("redis-server") is None:
+            subprocess.run(["apt-get", "update"], check=False, **quiet)  # type: ignore[call-overload]
+            subprocess.run(["apt-get", "install", "-y", "redis-server"], check=True, **quiet)  # type: ignore[call-overload]
+        found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no redis-server: apt-get install redis-server")
+    return Path(found)
+
+
+def run_celery(plan: Plan, res: Results, rate: float | None) -> None:
+    python, res.extra["celery_versions"] = ensure_celery()
+    redis_exe = ensure_redis()
+    res.extra["redis_version"] = (
+        subprocess.run([str(redis_exe), "--version"], capture_output=True, text=True, check=True)
+        .stdout.split()[2]
+        .removeprefix("v=")
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="celery-bench-"))
+    redis_proc: subprocess.Popen[bytes] | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        port = free_port()
+        redis_argv = [str(redis_exe), "--bind", "127.0.0.1", "--port", str(port)]
+        redis_argv += ["--dir", str(tmp), "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        with (tmp / "redis.log").open("ab") as out:
+            redis_proc = subprocess.Popen(
+                redis_argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if redis_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start:\n{_tail(tmp / 'redis.log')}")
+            time.sleep(0.05)
+        (tmp / "bench_celery.py").write_text(CELERY_APP)
+        (tmp / "client.py").write_text(CELERY_CLIENT)
+        env = {**os.environ, "BENCH_REDIS": f"redis://127.0.0.1:{port}/0", "PYTHONPATH": str(tmp)}
+        wlog = tmp / "worker.log"
+        worker_argv = [str(VENV / "bin" / "celery"), "-A", "bench_celery", "worker"]
+        worker_argv += ["-c", str(WORKERS), "-P", "prefork", "-l", "info", "-n", "bench@localhost"]
+        res.extra["celery_worker_argv"] = " ".join(worker_argv[1:])
+        with wlog.open("ab") as out:
+            worker = subprocess.Popen(
+                worker_argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 60
+        while "ready." not in wlog.read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker did not start:\n{_tail(wlog)}")
+            time.sleep(0.1)
+
+        def client(*args: str, timeout: float) -> dict[str, Any]:
+            out = subprocess.run(
+                [str(python), str(tmp / "client.py"), *args],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"celery client failed: {out.stderr[-2000:]}")
+            return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+        log(f"celery: {plan.celery_tasks} tasks, worker -c {WORKERS}")
+        got = client("throughput", str(plan.celery_tasks), str(CELERY_LANES), timeout=900)
+        res.celery_rate = got["n"] / (got["t_last"] - got["t0"])
+        res.celery_submit_rate = got["n"] / (got["t_submitted"] - got["t0"])
+        if rate is not None:
+            n = max(50, int(rate * plan.latency_seconds))
+            log(f"celery latency: {n} tasks at {rate:.0f}/s")
+            got = client("latency", str(n), str(CELERY_LANES), repr(rate), timeout=600)
+            res.celery_latency = got["latency"]
+    finally:
+        if worker is not None:
+            stop_process(worker, 30)
+        if redis_proc is not None:
+            stop_process(redis_proc, 10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- report ---------------------------------------------------------------------------
+
+HEADERS = ["figure", "fabric", "raw JetStream", "Celery + Redis", "target", "verdict"]
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f} /s"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.2f} ms"
+
+
+def _p(xs: list[float], p: float) -> float | None:
+    return pct(xs, p) if xs else None
+
+
+def table(plan: Plan, res: Results) -> list[list[str]]:
+    fab, raw, cel = res.fabric_rate, res.raw_rate, res.celery_rate
+    verdicts = []
+    if fab is not None and raw is not None:
+        share = fab / raw
+        verdicts.append(f"{'PASS' if share >= 0.5 else 'MISS'}: {share:.0%} of raw")
+    if fab is not None and cel is not None:
+        ratio = fab / cel
+        verdicts.append(f"{'PASS' if ratio > 1 else 'MISS'}: {ratio:.1f}x Celery")
+    rate = res.latency_rate
+    at = "n/a" if rate is None else f"{rate:,.0f}/s"
+    rows = [
+        [
+            f"throughput, trivial task, {WORKERS} workers (fabric {plan.fabric_tasks:,}, "
+            f"raw {plan.raw_messages:,}, Celery {plan.celery_tasks:,})",
+            _rate(fab),
+            _rate(raw),
+            _rate(cel),
+            ">= 50 % of raw; > Celery",
+            "; ".join(verdicts) or "-",
+        ],
+        [
+            "submission rate (same runs)",
+            _rate(res.fabric_submit_rate),
+            _rate(res.raw_publish_rate),
+            _rate(res.celery_submit_rate),
+            "-",
+            "-",
+        ],
+    ]
+    for p in (50, 99):
+        f, c = _p(res.fabric_latency, p), _p(res.celery_latency, p)
+        verdict = "-"
+        if f is not None and c is not None:
+            verdict = f"{c / f:.1f}x Celery's" if f <= c else f"{f / c:.1f}x slower than Celery"
+        n = len(res.fabric_latency)
+        rows.append(
+            [
+                f"submit -> result p{p}, paced at {at} (10 % of fabric peak; {n} tasks)",
+                _ms(f),
+                "-",
+                _ms(c),
+                "-",
+                verdict,
+            ]
+        )
+    return rows
+
+
+NOTES = [
+    "fabric: `fabric up --port 0` (TLS nats-server, controller, 1 fabric-node) in a temp dir; "
+    f"deployment of {WORKERS} agents (`bench/tasks.py worker`, fabric.worker, echo handler); "
+    f"TaskClient.submit, {IN_FLIGHT} in flight; done = events.task.succeeded "
+    "(published after the KV result, before the ack); stream TASKS checked empty after.",
+    "raw JetStream: same server, work-queue file stream, js.publish_async from the bench "
+    f"(nats-py's window of pending acks), one consumer process, {RAW_PULLERS} pull coroutines "
+    f"(batch {RAW_BATCH}), msg.ack() each; no envelope, no record, no dispatch hop.",
+    "Celery: redis-server (persistence off) on loopback, `celery worker -c 4 -P prefork` "
+    f"(default prefetch, acks early), client submits with delay() from {CELERY_LANES} threads; "
+    "done = the result backend's PUBLISH of the result, seen by PSUBSCRIBE.",
+    "latency: paced submissions at 10 % of the fabric's measured throughput, same rate for Celery.",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["worker"]:
+        sub = argparse.ArgumentParser(prog="tasks.py worker")
+        sub.add_argument("--concurrency", type=int, default=16)
+        run_worker(sub.parse_args(args_list[1:]).concurrency)
+        return 0
+    if args_list[:1] == ["raw-consumer"]:
+        url, ca, cert, key, count = args_list[1:6]
+        asyncio.run(raw_consumer(url, ca, cert, key, int(count)))
+        return 0
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--skip-celery", action="store_true", help="fabric and raw only")
+    args = parser.parse_args(args_list)
+    plan = QUICK if args.quick else FULL
+
+    def interrupted(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    marker = Marker()
+    marker.install()
+    info = machine()
+    res = Results()
+    started = time.monotonic()
+    try:
+        try:
+            asyncio.run(run_fabric(plan, res))
+            if not args.skip_celery:
+                run_celery(plan, res, res.latency_rate)
+        except KeyboardInterrupt:
+            log("interrupted; what this run started is stopped")
+            return 130
+        info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        left = marker.sweep()
+        if left:
+            log(f"killed {len(left)} leftover process(es): {left}")
+    res.extra["leftover_processes_killed"] = len(left)
+    res.extra["wall_seconds"] = round(time.monotonic() - started, 1)
+    rows = table(plan, res)
+    if args.json:
+        out = {
+            "machine": info,
+            "quick": args.quick,
+            "plan": plan.__dict__,
+            "fabric_tasks_per_s": res.fabric_rate,
+            "fabric_submit_per_s": res.fabric_submit_rate,
+            "raw_jetstream_per_s": res.raw_rate,
+            "raw_publish_per_s": res.raw_publish_rate,
+            "celery_tasks_per_s": res.celery_rate,
+            "celery_submit_per_s": res.celery_submit_rate,
+            "latency_rate_per_s": res.latency_rate,
+            "fabric_latency_ms": {
+                f"p{p}": None if (v := _p(res.fabric_latency, p)) is None else v * 1e3
+                for p in (50, 99)
+            },
+            "celery_latency_ms": {
+                f"p{p}": None if (v := _p(res.celery_latency, p)) is None else v * 1e3
+                for p in (50, 99)
+            },
+            "rows": [dict(zip(HEADERS, r, strict=True)) for r in rows],
+            "extra": res.extra,
+            "notes": NOTES,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"tasks bench{' (--quick)' if args.quick else ''}: {info['date']}, nproc {info['nproc']}, "
+        f"Python {info['python']}, kernel {info['kernel']}, "
+        f"{res.extra.get('celery_versions', 'Celery not run')}, "
+        f"redis-server {res.extra.get('redis_version', '-')}, "
+        f"1-min load avg {info['loadavg'][0]} at start, "
+        f"{info.get('loadavg_at_end', ['?'])[0]} at end; {res.extra['wall_seconds']} s"
+    )
+    print()
+    print(render_table(HEADERS, rows))
+    print()
+    for note in NOTES:
+        print(f"- {note}")
+    checks = {
+        k: res.extra.get(k)
+        for k in (
+            "fabric_tasks_stream_empty_after_s",
+            "fabric_up_exit_code",
+            "leftover_processes_killed",
+        )
+    }
+    print(f"- checks: {', '.join(f'{k}={v}' for k, v in checks.items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
