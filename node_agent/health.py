@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
 
 from node_agent.reaper import ChildReaper
+from node_agent.spawn import _identity as spawn_identity  # the agent's own uid/gid/groups
 from schemas.agent import (
     ExecCheck,
     HealthCheck,
@@ -118,13 +119,19 @@ async def run_exec(
     *,
     cwd: str | None = None,
     env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    group: str | None = None,
 ) -> int | None:
     """Run a check command to completion; its exit code (None when killed by a signal).
 
+    ``user``/``group`` are the agent's (AgentSpec.user/group): the check runs
+    with the agent's identity, never the node agent's, so a spec cannot gain
+    the node's privileges (root, under systemd) through its health check.
     Cancelling (the caller's timeout) kills the command's whole group and
     waits for the reaper to collect it, so no check is ever left running.
     """
-    proc = _start(argv, cwd, env)
+    identity = spawn_identity(user, group) if user is not None or group is not None else {}
+    proc = _start(argv, cwd, env, identity)
     exited = reaper.watch(proc.pid)  # before any await: the reaper must know it
     try:
         info = await asyncio.shield(exited)
@@ -140,7 +147,10 @@ async def run_exec(
 
 
 def _start(
-    argv: list[str], cwd: str | None, env: Mapping[str, str] | None
+    argv: list[str],
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    identity: Mapping[str, object],
 ) -> subprocess.Popen[bytes]:
     # Popen blocks only until the child exec'd (well under a millisecond): fine on the loop.
     return subprocess.Popen(
@@ -152,6 +162,7 @@ def _start(
         env=env,
         close_fds=True,
         start_new_session=True,
+        **identity,  # type: ignore[arg-type]
     )
 
 
@@ -213,8 +224,13 @@ def make_probe(
     reaper: ChildReaper,
     cwd: str | None = None,
     env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    group: str | None = None,
 ) -> Probe:
-    """The probe for one check kind; ``alive`` answers the process check."""
+    """The probe for one check kind; ``alive`` answers the process check.
+
+    An exec check runs as ``user``/``group`` (the agent's own), like the agent.
+    """
     match check:
         case ProcessCheck():
 
@@ -238,7 +254,7 @@ def make_probe(
         case ExecCheck(argv=argv):
 
             async def probe() -> None:
-                code = await run_exec(reaper, list(argv), cwd=cwd, env=env)
+                code = await run_exec(reaper, list(argv), cwd=cwd, env=env, user=user, group=group)
                 if code != 0:
                     raise CheckFailed(f"check command exited with {code}")
 

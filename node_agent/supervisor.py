@@ -680,6 +680,8 @@ class Supervisor:
             reaper=self._reaper,
             cwd=spec.cwd,
             env=build_env(spec),
+            user=spec.user,  # the check runs as the agent does, never as the node
+            group=spec.group,
         )
 
         def changed(verdict: HealthVerdict, error: str) -> None:

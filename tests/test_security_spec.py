@@ -8,7 +8,8 @@
   has one, symlinks resolved (``spec_cwd_forbidden``); log files are named by
   the agent id only, and a path-like id is refused by the decoder.
 * user/group root (uid or gid 0) is refused unless the node allows root
-  agents (``spec_root_forbidden``).
+  agents (``spec_root_forbidden``), and an exec health check runs as the
+  agent's user, not as the node agent.
 
 Every refusal is a coded ErrorReply, counted by the node or controller,
 audited as ``events.node.refused`` / ``events.controller.refused`` naming
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,7 +42,13 @@ from fabric.tokens import TokenIssuer
 from node_agent.service import NodeAgent
 from node_agent.spawn import build_env
 from schemas import subjects
-from schemas.agent import AgentSpec, AgentState, RestartPolicy, RestartPolicyKind
+from schemas.agent import (
+    AgentSpec,
+    AgentState,
+    HealthVerdict,
+    RestartPolicy,
+    RestartPolicyKind,
+)
 from schemas.api import ApiResult
 from schemas.codec import decode, decode_reply, encode
 from schemas.command import StatusAgent
@@ -226,6 +234,39 @@ async def test_argv_metacharacters_reach_the_program_as_plain_arguments(
     two = _spec("shell-two", argv=["echo", "x; touch y"], shell=True)
     reply = await _place(op, issuer, two)
     assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.INVALID_PAYLOAD
+
+
+async def test_an_exec_health_check_runs_as_the_agent_not_as_the_node(
+    node: NodeAgent, connect_as: Clients, issuer: TokenIssuer
+) -> None:
+    """A spec for an unprivileged user must not get the node's identity (root
+    under systemd) through its health check: the check is healthy only when
+    it runs with the agent's uid."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start an agent as another user")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    op = await connect_as("op-1")
+    check = {"type": "exec", "argv": ["sh", "-c", f'test "$(id -u)" = {nobody}']}
+    spec = _spec(
+        "checked",
+        argv=["sleep", "60"],
+        user="nobody",
+        start_seconds=0,
+        health={"check": check, "interval": 0.1, "failure_threshold": 1},
+    )
+    assert not isinstance(await _place(op, issuer, spec), ErrorReply)
+    async with asyncio.timeout(10):
+        while True:
+            token = issuer.mint("op-1", ["read"])
+            msg = await op.request(
+                subjects.agent_commands("checked"), encode(StatusAgent(token=token)), timeout=5
+            )
+            reply = decode_reply(msg.data)
+            assert not isinstance(reply, ErrorReply), reply
+            if reply.status.health is not HealthVerdict.UNKNOWN:
+                break
+            await asyncio.sleep(0.05)  # wait-ok: polled under a deadline
+    assert reply.status.health is HealthVerdict.HEALTHY, reply.status.message
 
 
 def _abuses(cwd_root: Path, tmp_path: Path) -> list[tuple[str, dict[str, Any], ErrorCode]]:
