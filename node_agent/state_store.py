@@ -16,14 +16,27 @@ Two strengths of write, because the two ways of losing the node agent differ:
   duplicate.
 - a host crash loses what is not fsynced. What must survive it is the
   operator's intent: placements (spec, epoch) and manual stops. Those writes
-  are ``durable``: fsync the file, ``os.replace``, fsync the directory
-  (~0.5 ms here).
+  are ``durable``, by group commit: :meth:`StateStore.write` replaces the
+  file at once, like any other write, and queues it; :meth:`StateStore.sync`
+  commits (in a worker thread, off the event loop: fsync every file queued
+  since the previous commit, then the directory once) until every durable
+  write made before the call is on disk; a commit under way is joined. The
+  supervisor replies to a command only after that, so an acknowledged
+  placement or stop is on disk, while the statuses it causes go out at
+  once. Many placements or stops that arrive together share one commit:
+  fsyncing 100 files and the directory once cost 0.11 ms a file here,
+  against 0.7-0.9 ms for a file-and-directory fsync pair each. Until its
+  commit, a host crash can lose a durable change like any other write (and
+  the reply was never sent). :meth:`StateStore.save` and
+  :meth:`StateStore.delete` still do it all inline (tools, tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -49,6 +62,8 @@ class AgentRecord(msgspec.Struct, kw_only=True):
     last_state: str = "pending"
 
 
+log = logging.getLogger(__name__)
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AgentRecord)
 
@@ -58,12 +73,29 @@ class StateStore:
         self.dir = state_dir / "agents"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.skipped: list[str] = []  # unreadable files found by load_all
+        # Group commit: durable writes queued (agent ids; None: a removal), how many
+        # were made and how many of those are on disk, and the commit under way.
+        self._queued: set[str | None] = set()
+        self._written = 0
+        self._committed = 0
+        self._commit: asyncio.Task[None] | None = None
 
     def _path(self, agent_id: str) -> Path:
         return self.dir / f"{agent_id}.json"
 
     def save(self, record: AgentRecord, *, durable: bool = True) -> None:
-        """Atomic replace; ``durable`` also survives a host crash (fsync)."""
+        """Atomic replace; ``durable`` also survives a host crash (fsync, inline)."""
+        self._replace(record, fsync=durable)
+        if durable:
+            self._sync_dir()
+
+    def write(self, record: AgentRecord, *, durable: bool) -> None:
+        """Atomic replace now; ``durable`` queues it for the next group commit."""
+        self._replace(record, fsync=False)
+        if durable:
+            self._queue(record.spec.name)
+
+    def _replace(self, record: AgentRecord, *, fsync: bool) -> None:
         path = self._path(record.spec.name)
         tmp = path.with_suffix(".json.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -72,7 +104,7 @@ class StateStore:
                 data = _encoder.encode(record)
                 if os.write(fd, data) != len(data):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-                if durable:
+                if fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -83,8 +115,60 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if durable:
-            self._sync_dir()
+
+    def discard(self, agent_id: str) -> None:
+        """Delete the agent's file now; the next group commit makes that durable."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(agent_id).unlink()
+            self._queue(None)
+
+    async def sync(self) -> None:
+        """Wait until every durable write and discard made so far is on disk.
+
+        Raises OSError when a commit fails (the writes stay queued for the next).
+        """
+        target = self._written
+        while self._committed < target:
+            task = self._commit
+            if task is None:
+                task = self._start_commit()
+            await asyncio.shield(task)
+
+    def _queue(self, agent_id: str | None) -> None:
+        self._queued.add(agent_id)
+        self._written += 1
+
+    def _start_commit(self) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._commit_queued())
+        self._commit = task
+        task.add_done_callback(_log_failure)
+        return task
+
+    async def _commit_queued(self) -> None:
+        ids, self._queued = self._queued, set()
+        upto = self._written
+        try:
+            await asyncio.to_thread(self._fsync_all, ids)
+        except BaseException:
+            self._queued |= ids
+            self._commit = None
+            raise
+        self._committed = max(self._committed, upto)
+        self._commit = None
+
+    def _fsync_all(self, ids: set[str | None]) -> None:
+        for agent_id in ids:
+            if agent_id is None:
+                continue
+            try:
+                fd = os.open(self._path(agent_id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed since: the directory sync covers it
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._sync_dir()
 
     def delete(self, agent_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -112,3 +196,8 @@ class StateStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("cannot commit the node's state to disk: %s", task.exception())

@@ -227,7 +227,7 @@ class Supervisor:
             self._event("agent.placed", a, epoch=epoch)
             async with a.lock:
                 self._launch(a, "placed")
-            return self._status(a)
+            return await self._durable_status(a)
         async with self._hold(spec.name) as a:
             if epoch < a.epoch:
                 raise ContractError(
@@ -241,7 +241,7 @@ class Supervisor:
             a.tracker = RestartTracker(spec.restart, self._rng)
             self._event("agent.placed", a, epoch=epoch)
             self._launch(a, "re-placed")
-            return self._status(a)
+            return await self._durable_status(a)
 
     async def start(self, agent_id: str) -> AgentStatus:
         self._require_open()
@@ -252,7 +252,7 @@ class Supervisor:
                 )
             a.tracker.reset()
             self._launch(a, "start requested")
-            return self._status(a)
+            return await self._durable_status(a)
 
     async def stop(self, agent_id: str, timeout: float | None = None) -> AgentStatus:  # noqa: ASYNC109 - a grace period (stop_timeout override), not a deadline
         """Manual stop: stop signal, ``timeout`` (else spec.stop_timeout), then SIGKILL."""
@@ -279,7 +279,7 @@ class Supervisor:
                 await self._stop(a, None, reason="restart requested")
             a.tracker.reset()
             self._launch(a, "restart requested")
-            return self._status(a)
+            return await self._durable_status(a)
 
     async def signal(self, agent_id: str, signame: SignalName) -> AgentStatus:
         if signame not in SIGNALS:
@@ -312,9 +312,10 @@ class Supervisor:
     async def remove(self, agent_id: str) -> AgentStatus:
         """Stop the agent, then forget it: state record, cgroup and log files."""
         async with self._hold(agent_id) as a:
-            await self._stop(a, None)
+            await self._stop(a, None, sync=False)  # one commit with the removal below
             final = self._status(a)
-            self._store.delete(agent_id)
+            self._store.discard(agent_id)
+            await self._durable()
             self._unsaved.discard(agent_id)
             if a.cgroup is not None:
                 await a.cgroup.remove()
@@ -383,6 +384,7 @@ class Supervisor:
                 if a.popen is not None:
                     release(a.popen)
                 self._save(a)
+        await self._durable()
         await self._cancel_tasks()
 
     async def tick(self) -> None:
@@ -414,6 +416,7 @@ class Supervisor:
                 self._save(a, durable=True)
             else:
                 self._unsaved.discard(agent_id)
+        await self._durable()
         # A burst of exits can overflow the loop's signal pipe and lose a
         # SIGCHLD; one reap pass per tick makes sure no exit goes unseen.
         self._reaper.reap()
@@ -579,8 +582,12 @@ class Supervisor:
         async with a.lock:
             await self._stop(a, None)
 
-    async def _stop(self, a: _Agent, grace: float | None, reason: str = "stop requested") -> None:
-        """Bring the agent to ``stopped``; the caller holds ``a.lock``."""
+    async def _stop(
+        self, a: _Agent, grace: float | None, reason: str = "stop requested", *, sync: bool = True
+    ) -> None:
+        """Bring the agent to ``stopped``; the caller holds ``a.lock``.
+
+        ``sync``: the stop is durable before this returns (else the caller commits)."""
         a.manual_stop = True
         state = a.lc.state
         if state in (S.STARTING, S.RUNNING, S.PAUSED):
@@ -594,6 +601,8 @@ class Supervisor:
         # signal so that stopping many agents starts every grace period at once
         # rather than one fsync after another.
         self._save(a, durable=True)
+        if sync:
+            await self._durable()
         # STOPPING (a restart already under way): the manual flag makes the loop stay down.
         if a.task is not None:
             await asyncio.shield(a.task)
@@ -865,7 +874,7 @@ class Supervisor:
             last_state=state.value,
         )
         try:
-            self._store.save(record, durable=durable)
+            self._store.write(record, durable=durable)
         except OSError as exc:
             # Said once per failing spell (the node's own log may be on that
             # disk too); every metrics tick tries again until it works.
@@ -881,6 +890,23 @@ class Supervisor:
             self._event("agent.state_saved", a)
             if a.message.startswith("state not saved"):
                 a.message = ""
+
+    async def _durable_status(self, a: _Agent) -> AgentStatus:
+        """The agent's status now, returned once it is durable (a command's reply)."""
+        status = self._status(a)
+        await self._durable()
+        return status
+
+    async def _durable(self) -> None:
+        """Wait for the group commit of every durable write made so far (state_store).
+
+        Commands await this before they reply; durable writes that no command
+        waits for are committed by the next one, at the latest on the next
+        metrics tick. A failed commit is logged by the store and keeps its
+        writes queued for the next.
+        """
+        with contextlib.suppress(OSError):
+            await self._store.sync()
 
     def _track(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._loop is not None
