@@ -459,3 +459,23 @@ async def test_fabric_run_reports_the_refusal(
     lines = err.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fabric: "), err
     assert "FABRIC_AGENT_ID" in lines[0] and "fabric's own" in lines[0]
+
+
+def test_the_node_settings_come_from_flags_or_environment(
+    monkeypatch: pytest.MonkeyPatch, pki: FabricPki
+) -> None:
+    from node_agent.main import _config, build_parser
+
+    base = ["--node-id", "n1", "--token-key", str(pki.dir / "signing.pub")]
+    default = _config(build_parser().parse_args(base))
+    assert default.spec_policy == NodeSpecPolicy(allow_root_agents=False, cwd_root=None)
+    flagged = _config(
+        build_parser().parse_args([*base, "--allow-root-agents", "--agent-cwd-root", "/srv/a"])
+    )
+    assert flagged.spec_policy == NodeSpecPolicy(allow_root_agents=True, cwd_root=Path("/srv/a"))
+    monkeypatch.setenv("FABRIC_ALLOW_ROOT_AGENTS", "1")
+    monkeypatch.setenv("FABRIC_AGENT_CWD_ROOT", "/srv/b")
+    from_env = _config(build_parser().parse_args(base))
+    assert from_env.spec_policy == NodeSpecPolicy(allow_root_agents=True, cwd_root=Path("/srv/b"))
+    with pytest.raises(ValueError, match="absolute"):
+        _config(build_parser().parse_args([*base, "--agent-cwd-root", "relative"]))
