@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -231,3 +232,44 @@ async def top(rig: TaskRig, *, as_json: bool = True) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def bare(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
+    """A server and nothing else: no dispatcher, no worker."""
+    server = NatsServer.local(pki.dir, tmp_path / "nats")
+    await server.start()
+    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
+    try:
+        yield rig
+    finally:
+        await rig.aclose()
+        await server.stop()
+
+
+async def test_pending_says_when_no_controller_has_taken_the_queue(bare: TaskRig) -> None:
+    # The queue's state exists (a controller ran once), but none runs now.
+    await bare.dispatcher()
+    _, running_dispatcher = bare.dispatchers.pop()
+    running_dispatcher.cancel()
+    await asyncio.gather(running_dispatcher, return_exceptions=True)
+    tasks = await bare.tasks()
+    await tasks.submit("echo", {"n": 1}, task_id="orphan-1")
+
+    code, out, err = await fabric(bare, "ls", "--pending")
+    assert code == 0, err
+    assert out.splitlines()[1:] == []  # no record: nobody took it
+    assert "and 1 task(s) in the queue no controller has taken yet" in err
+
+
+async def test_an_empty_fabric_answers_the_backlog_at_once(bare: TaskRig, pki: FabricPki) -> None:
+    ctl = Controller(await bare.clients("ctl-1"), controller_config(pki, "ctl-1"))
+    viewer = await bare.clients("view-1")
+    async with running(ctl):
+        await asyncio.wait_for(ctl.dispatcher.ready.wait(), 10)
+        started = time.monotonic()
+        msg = await viewer.request(subjects.DISCOVER, encode(DiscoverRequest(what="tasks")), 5)
+        reply = decode(msg.data, DiscoverReply)
+        # The record watch saw the (empty) bucket: no wait for the first answer.
+        assert time.monotonic() - started < 1.5
+    assert (reply.tasks, reply.answered_by) == ([], "ctl-1")

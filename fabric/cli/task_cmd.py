@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from fabric.cli import CommandFailed, UsageError
 from fabric.cli.output import age, human_duration, print_json, print_table
 from fabric.client import FabricClient, FabricError, add_client_options, run_cli
 from fabric.tasks.admission import SUBMIT_SCOPE
+from fabric.tasks.backlog import queue_backlog
 from fabric.tasks.client import DeadLetter, TaskClient
 from fabric.tasks.records import TaskRecord, TaskState
 from schemas.errors import ContractError, ErrorCode
@@ -326,7 +328,28 @@ async def _ls_async(client: FabricClient, args: argparse.Namespace) -> int:
             row.append(pending_reason(r))
         rows.append(row)
     print_table(headers, rows, styles=(2,))
+    if args.pending:
+        await _untaken(tasks, args.type)
     return 0
+
+
+async def _untaken(tasks: TaskClient, task_type: str | None) -> None:
+    """Say so when the queue holds tasks no controller has taken (they have no record,
+    so no listing of records shows them): usually no controller is running."""
+    stored = await queue_backlog(tasks.js)
+    if not stored:
+        return
+    live = await tasks.list_records(task_type=task_type)
+    taken = Counter(r.type for r in live if not r.final)
+    untaken = sum(
+        max(0, n - taken[t]) for t, n in stored.items() if task_type is None or t == task_type
+    )
+    if untaken:
+        print(
+            f"and {untaken} task(s) in the queue no controller has taken yet"
+            " (no record; is a controller running?)",
+            file=sys.stderr,
+        )
 
 
 def _unreadable(what: str, exc: BaseException) -> CommandFailed:
