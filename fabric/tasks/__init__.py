@@ -6,7 +6,11 @@
 * :mod:`fabric.tasks.agents` - the pure :func:`~fabric.tasks.agents.choose_agent`
   and a controller's view of running agents and their capabilities.
 * :mod:`fabric.tasks.dispatch` - the dispatcher every controller runs.
-* :mod:`fabric.tasks.client` - submit, get and wait (SDK and CLI).
+* :mod:`fabric.tasks.admission` - the submit token a dispatcher checks first
+  (refused tasks are recorded ``refused`` and never run), and retries.
+* :mod:`fabric.tasks.backlog` - the backlog per type (discovery, top, metrics).
+* :mod:`fabric.tasks.client` - submit, get, wait, list, dead letters and retry
+  (SDK and CLI).
 
 The worker side is :mod:`fabric.worker`.
 

@@ -10,18 +10,21 @@ States::
                  ┌───────────── handed back / agent gone before it ran ─────────┐
                  ▼                                                              │
     (stored) ─▶ queued ──▶ running ──▶ succeeded                                │
-                 │  ▲         │  │                                              │
-                 │  │         │  └──▶ failed ──(backoff, redelivered)──▶ running ┘
-                 │  └─────────┘           │
-                 ▼                        ▼
-                dead ◀──── max_attempts spent, deadline passed, or refused
+       │         │  ▲         │  │                                              │
+       │         │  │         │  └──▶ failed ──(backoff, redelivered)──▶ running ┘
+       │         │  └─────────┘           │
+       ▼         ▼                        ▼
+    refused     dead ◀──── max_attempts spent, deadline passed, or given up
+  (not admitted) │
+                 └──── fabric task dead retry ───▶ queued (attempts 0, retries + 1)
 
 A task the controller does not admit (a bad, expired or missing submit
 token: :mod:`fabric.tasks.admission`) is recorded ``refused`` with its error
 code and never runs. ``fabric task dead retry`` brings a ``dead`` task back to
 ``queued`` with a fresh attempt budget (``retries`` counts how often).
 
-``succeeded``, ``dead`` and ``refused`` are final: a record in either never changes again,
+``succeeded``, ``dead`` and ``refused`` are final for dispatchers: such a
+record never changes again (only an operator's retry reopens a dead one),
 so a redelivered message whose record is final is acknowledged without
 running it a second time. ``failed`` means the last attempt failed and the
 task waits for its retry. ``attempts`` counts handler runs that ended
