@@ -208,15 +208,26 @@ def spawn(
         try:
             if cgroup_procs is not None:
                 _write_pid(cgroup_procs, popen.pid)
-            for res, soft, hard in rlimits:
-                resource.prlimit(popen.pid, res, (soft, hard))
-            os.write(w, b"\n")
-            _wait_exec(w)
+            try:
+                for res, soft, hard in rlimits:
+                    resource.prlimit(popen.pid, res, (soft, hard))
+            except PermissionError:
+                # prlimit on another user's process needs CAP_SYS_RESOURCE,
+                # which a container or sandbox may withhold from root: such
+                # an agent sets its own limits in the forked child instead.
+                _kill_held(popen)
+                held = False
+            else:
+                os.write(w, b"\n")
+                _wait_exec(w)
+                held = True
         except BaseException:
             _kill_held(popen)
             raise
     finally:
         os.close(w)
+    if not held:
+        return _spawn_forked(argv, common, rlimits, cgroup_procs, bool(user_kw))
     return popen
 
 
