@@ -49,6 +49,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -129,6 +130,46 @@ def _tail(path: Path, lines: int = 20) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     return ""
+
+
+class CpuMeter:
+    """User + system CPU seconds of groups of processes over a window (each process
+    itself, not its children; a process gone before the end counts up to its last read)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.procs: dict[str, list[psutil.Process]] = {}
+        for name, pids in groups.items():
+            found = []
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
+            self.procs[name] = found
+        self.start = {p.pid: self._cpu(p) for ps in self.procs.values() for p in ps}
+        self.t0 = time.monotonic()
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            return float(t.user + t.system)
+        return 0.0
+
+    def stop(self) -> tuple[float, dict[str, float]]:
+        """(wall seconds, CPU seconds per group)."""
+        used = {
+            name: sum(max(0.0, self._cpu(p) - self.start[p.pid]) for p in ps)
+            for name, ps in self.procs.items()
+        }
+        return time.monotonic() - self.t0, used
+
+
+def per_task_cpu(wall: float, used: dict[str, float], count: int) -> dict[str, Any]:
+    """CPU per task in microseconds per group, and each group's share of the 2 cores' time."""
+    return {
+        "us_per_task": {k: round(v / count * 1e6) for k, v in used.items()},
+        "cores_busy": {k: round(v / wall, 2) for k, v in used.items()},
+        "wall_s": round(wall, 3),
+    }
 
 
 # --- the worker agent and the raw consumer (subcommands) ----------------------------
@@ -276,6 +317,30 @@ class FabricUp:
                         return int(child.pid)
         return None
 
+    def groups(self) -> dict[str, list[int]]:
+        """The processes of the fabric by part, and this bench (the submitter)."""
+        groups: dict[str, list[int]] = {
+            "controller": [],
+            "workers": [],
+            "nats-server": [],
+            "node agent": [],
+            "bench client": [os.getpid()],
+        }
+        assert self.proc is not None
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cmd = " ".join(child.cmdline())
+                    if "controller run" in cmd:
+                        groups["controller"].append(child.pid)
+                    elif f"{HERE} worker" in cmd:
+                        groups["workers"].append(child.pid)
+                    elif "nats-server" in cmd:
+                        groups["nats-server"].append(child.pid)
+                    elif "node_agent.main" in cmd:
+                        groups["node agent"].append(child.pid)
+        return groups
+
     def stop(self) -> int | None:
         try:
             return None if self.proc is None else stop_process(self.proc, 60)
@@ -331,7 +396,7 @@ async def deploy_workers(client: Any, concurrency: int, within: float = 60) -> N
         await sub.unsubscribe()
 
 
-async def run_fabric(plan: Plan, res: Results) -> None:
+async def run_fabric(plan: Plan, res: Results, profile: Path | None) -> None:
     from fabric.client import open_client
     from fabric.tasks.client import TaskClient, new_task_id
     from fabric.tasks.stream import TASKS_STREAM
@@ -368,9 +433,14 @@ async def run_fabric(plan: Plan, res: Results) -> None:
             async def one(i: int) -> None:
                 await tasks.submit(TASK_TYPE, {"i": i}, task_id=made[i])
 
+            groups = fab.groups()
+            spies = start_profilers(profile, groups)
+            meter = CpuMeter(groups)
             t0, t_sub = await submit_all(one, plan.fabric_tasks)
             await done.wait_all(made, within=600)
             last = max(done.at[i] for i in made)
+            res.extra["fabric_cpu"] = per_task_cpu(*meter.stop(), plan.fabric_tasks)
+            stop_profilers(spies)
             res.fabric_rate = plan.fabric_tasks / (last - t0)
             res.fabric_submit_rate = plan.fabric_tasks / (t_sub - t0)
             async with asyncio.timeout(30):
@@ -390,6 +460,75 @@ async def run_fabric(plan: Plan, res: Results) -> None:
     finally:
         code = await asyncio.to_thread(fab.stop)
         res.extra["fabric_up_exit_code"] = code
+
+
+def start_profilers(
+    out: Path | None, groups: dict[str, list[int]]
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the controller, one worker and this bench while the throughput runs."""
+    if out is None:
+        return []
+    spy = shutil.which("py-spy") or str(VENV / "bin" / "py-spy")
+    if not Path(spy).exists():
+        raise RuntimeError(f"--profile needs py-spy: {VENV}/bin/pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name in ("controller", "workers", "bench client"):
+        for pid in groups[name][:1]:
+            argv = [spy, "record", "--nonblocking", "-r", "500", "-f", "raw", "-p", str(pid)]
+            argv += ["-o", str(out / f"{name.replace(' ', '-')}.folded")]
+            spies.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+    time.sleep(0.5)  # attached
+    return spies
+
+
+# Where a profiled process's samples go: the first rule whose frame names appear in a
+# stack takes the sample (py-spy --nonblocking samples what is on CPU or in a syscall).
+PROFILE_RULES = [
+    ("task admission: submit token verify (PyJWT + Ed25519)", ["admission.py"]),
+    ("nats-py _flusher: socket writes (TLS)", ["Client._flusher"]),
+    ("KV create: record 'running' (RecordStore.claim)", ["RecordStore.claim"]),
+    ("KV update: record 'succeeded' (RecordStore.save)", ["RecordStore.save"]),
+    ("nc.request: to the worker (controller), PubAck (client)", ["Client.request "]),
+    ("event publish", ["Dispatcher._event"]),
+    ("ack / nak / in_progress", ["Msg.ack ", "Msg.nak ", "Msg.in_progress "]),
+    ("fetch", ["PullSubscription.fetch"]),
+    ("reading: TLS, parse, message dispatch", ["_read_ready", "Parser.parse"]),
+    ("worker: serve and answer", ["Worker._serve", "Worker._on_assignment", "Worker._answer"]),
+    ("TaskClient.submit (incl. token mint)", ["TaskClient.submit"]),
+    ("waiting in select", ["EpollSelector.select"]),
+]
+
+
+def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float]]:
+    """Shares of a py-spy raw (folded) profile by :data:`PROFILE_RULES`."""
+    shares: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        name = next(
+            (name for name, keys in PROFILE_RULES if any(k in stack for k in keys)),
+            "other (asyncio, decode, dispatcher logic)",
+        )
+        shares[name] = shares.get(name, 0) + int(n)
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, n / total) for name, n in ranked] if total else []
+
+
+def stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
 
 
 async def paced_fabric(tasks: Any, done: Succeeded, rate: float, n: int) -> list[float]:
@@ -451,6 +590,10 @@ async def run_raw(plan: Plan, res: Results, fab: FabricUp, _fabric_nc: Client) -
             raise RuntimeError(f"raw consumer did not start: {line!r}")
         log(f"raw JetStream: {plan.raw_messages} messages, publish_async")
         body = b'{"i": 0}'
+        server = fab.groups()["nats-server"]
+        meter = CpuMeter(
+            {"consumer": [consumer.pid], "nats-server": server, "bench client": [os.getpid()]}
+        )
         t0 = time.monotonic()
         acks = [await js.publish_async(RAW_SUBJECT, body) for _ in range(plan.raw_messages)]
         await asyncio.gather(*acks)
@@ -459,6 +602,7 @@ async def run_raw(plan: Plan, res: Results, fab: FabricUp, _fabric_nc: Client) -
             line = await asyncio.to_thread(consumer.stdout.readline)
         word, end, seen = line.decode().split()
         assert word == "done", line
+        res.extra["raw_cpu"] = per_task_cpu(*meter.stop(), plan.raw_messages)
         res.raw_rate = int(seen) / (float(end) - t0)
         res.raw_publish_rate = plan.raw_messages / (t_pub - t0)
         await js.delete_stream(RAW_STREAM)
@@ -699,7 +843,18 @@ def run_celery(plan: Plan, res: Results, rate: float | None) -> None:
             return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
         log(f"celery: {plan.celery_tasks} tasks, worker -c {WORKERS}")
+        pool = [worker.pid, *(c.pid for c in psutil.Process(worker.pid).children(recursive=True))]
+        meter = CpuMeter({"celery worker": pool, "redis-server": [redis_proc.pid]})
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         got = client("throughput", str(plan.celery_tasks), str(CELERY_LANES), timeout=900)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall, used = meter.stop()
+        # The client ran to its end as our child: its CPU is in RUSAGE_CHILDREN
+        # (including its 100 warm-up tasks and its start-up).
+        used["client (incl. start-up)"] = (ru1.ru_utime - ru0.ru_utime) + (
+            ru1.ru_stime - ru0.ru_stime
+        )
+        res.extra["celery_cpu"] = per_task_cpu(wall, used, plan.celery_tasks)
         res.celery_rate = got["n"] / (got["t_last"] - got["t0"])
         res.celery_submit_rate = got["n"] / (got["t_submitted"] - got["t0"])
         if rate is not None:
@@ -766,7 +921,13 @@ def table(plan: Plan, res: Results) -> list[list[str]]:
         f, c = _p(res.fabric_latency, p), _p(res.celery_latency, p)
         verdict = "-"
         if f is not None and c is not None:
-            verdict = f"{c / f:.1f}x Celery's" if f <= c else f"{f / c:.1f}x slower than Celery"
+            ratio = c / f if f else float("inf")
+            if ratio >= 1.05:
+                verdict = f"{ratio:.1f}x better than Celery"
+            elif ratio <= 1 / 1.05:
+                verdict = f"{1 / ratio:.1f}x worse than Celery"
+            else:
+                verdict = "on par with Celery"
         n = len(res.fabric_latency)
         rows.append(
             [
@@ -811,6 +972,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--skip-celery", action="store_true", help="fabric and raw only")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy (raw folded stacks) of the controller, a worker and the bench client "
+        "during the fabric throughput run, into DIR",
+    )
     args = parser.parse_args(args_list)
     plan = QUICK if args.quick else FULL
 
@@ -826,7 +994,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         try:
-            asyncio.run(run_fabric(plan, res))
+            asyncio.run(run_fabric(plan, res, args.profile))
             if not args.skip_celery:
                 run_celery(plan, res, res.latency_rate)
         except KeyboardInterrupt:
@@ -887,7 +1055,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "leftover_processes_killed",
         )
     }
+    for key, what in (("fabric_cpu", "fabric"), ("raw_cpu", "raw"), ("celery_cpu", "Celery")):
+        cpu = res.extra.get(key)
+        if cpu:
+            parts = ", ".join(
+                f"{k} {v} us ({cpu['cores_busy'][k]} cores)" for k, v in cpu["us_per_task"].items()
+            )
+            print(f"- CPU per task, {what} throughput run: {parts}")
     print(f"- checks: {', '.join(f'{k}={v}' for k, v in checks.items())}")
+    if args.profile is not None:
+        for name in ("controller", "workers", "bench-client"):
+            path = args.profile / f"{name}.folded"
+            if path.exists():
+                shares = summarize_profile(path)
+                text = "; ".join(f"{what} {share:.0%}" for what, share in shares)
+                print(f"- py-spy, {name} ({path}): {text}")
     return 0
 
 
