@@ -8,6 +8,12 @@ The first connection fails fast with :class:`ConnectError` (one line saying
 why) instead of retrying forever; once connected, the client reconnects
 without limit, trying every URL, and notices a dead server within a few
 seconds thanks to a short ping interval.
+
+A certificate rotated on disk is picked up when the connection drops: each
+DN names one certificate, so the servers' reload after a re-issue closes the
+old certificate's connections, and the client reconnects with the files now
+at its ``cert``/``key`` paths (read again whenever they changed, and used
+only once the pair loads), with no restart of the process.
 """
 
 from __future__ import annotations
@@ -94,6 +100,48 @@ def _setting(value: str | Path | None, env: str, what: str) -> Path:
     return Path(value)
 
 
+class _ChainReloader:
+    """Loads the client certificate again into the live context when its files change.
+
+    nats-py keeps the one ``SSLContext`` for every reconnect; loading a new
+    chain into it changes what the next handshake presents. A pair that does
+    not load (a copy half done, a key that does not match) is left alone and
+    tried again at the next call.
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
+        self._ctx, self._ca, self._cert, self._key = ctx, ca, cert, key
+        self._stamp = self._read_stamp()
+        self.reloads = 0
+
+    def _read_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
+        try:
+            return tuple(
+                (st.st_ino, st.st_size, st.st_mtime_ns)
+                for st in (self._cert.stat(), self._key.stat())
+            )
+        except OSError:
+            return None
+
+    def __call__(self) -> bool:
+        """Reload when the files changed; True if the context now holds a new chain."""
+        stamp = self._read_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            # Checked on a scratch context first: a failed load_cert_chain may
+            # leave a context with the new certificate and the old key.
+            tls_context(self._ca, self._cert, self._key)
+            self._ctx.load_cert_chain(str(self._cert), str(self._key))
+        except (ConnectError, ssl.SSLError, OSError) as exc:
+            log.warning("client certificate %s changed but does not load yet: %s", self._cert, exc)
+            return False
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("client certificate %s reloaded for the next connection", self._cert)
+        return True
+
+
 async def _log_error(exc: Exception) -> None:
     log.warning("nats: %s: %s", type(exc).__name__, exc)
 
@@ -155,6 +203,10 @@ async def connect(
 
     options: dict[str, Any] = {**DEFAULTS, **overrides}
     user_error_cb: ErrorCallback = options.pop("error_cb", None) or _log_error
+    user_disconnected_cb: Callable[[], Awaitable[None]] | None = options.pop(
+        "disconnected_cb", None
+    )
+    reload_chain = _ChainReloader(ctx, ca_path, cert_path, key_path)
     allow_reconnect = bool(options.pop("allow_reconnect"))
     max_reconnects = int(options.pop("max_reconnect_attempts"))
     options["name"] = name or f"fabric-{cert_path.stem}"
@@ -167,10 +219,18 @@ async def connect(
         # so it is only kept (and logged quietly) rather than shouted.
         nonlocal last_error
         if connected:
+            # A reconnect refused for the old certificate: the new one may be there now.
+            reload_chain()
             await user_error_cb(exc)
         else:
             last_error = exc
             log.debug("nats connect attempt failed: %s: %s", type(exc).__name__, exc)
+
+    async def disconnected_cb() -> None:
+        # Before the reconnect attempts: present the rotated certificate, if any.
+        reload_chain()
+        if user_disconnected_cb is not None:
+            await user_disconnected_cb()
 
     nc = Client()
     try:
@@ -181,6 +241,7 @@ async def connect(
             servers=servers,
             tls=ctx,
             error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
             allow_reconnect=False,
             max_reconnect_attempts=1,
             **options,

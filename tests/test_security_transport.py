@@ -296,3 +296,91 @@ async def test_a_certificate_from_an_older_version_works_until_its_name_is_reiss
         nc = await connect(server.url, ca=own.ca, cert=issued.cert, key=issued.key)
         await nc.flush(timeout=5)
         await nc.close()
+
+
+async def test_a_client_picks_up_its_rotated_certificate_when_the_reload_drops_it(
+    tmp_path: Path,
+) -> None:
+    """Rotation without a restart: the files at the client's cert/key paths are
+    replaced (``issue --force`` here), the server reloads and drops the old
+    certificate's connection, and the same client reconnects presenting the
+    new certificate, with its node permissions."""
+    own = make_pki(tmp_path / "pki", {"ctl-1": "controller", "n1": "node"})
+    old_serial = own["n1"].serial
+    async with NatsServer.local(own.dir, tmp_path / "state") as server:
+        clients = Clients(own, server.url)
+        try:
+            lost, back = asyncio.Event(), asyncio.Event()
+
+            async def on_lost() -> None:
+                lost.set()
+
+            async def on_back() -> None:
+                back.set()
+
+            ctl = await clients("ctl-1")
+            node = await clients("n1", disconnected_cb=on_lost, reconnected_cb=on_back)
+            await node.flush(timeout=5)
+
+            fresh = own.issue_again("node", "n1")  # same paths, new certificate
+            assert fresh.cert == own["n1"].cert and fresh.serial != old_serial
+            await server.reload()
+            async with asyncio.timeout(10):
+                await lost.wait()
+                await back.wait()
+            # Only the new certificate maps to a user now, so this reconnect presented it.
+            assert node.is_connected
+            sub = await ctl.subscribe("nodes.n1.heartbeat")
+            await ctl.flush()
+            await node.publish("nodes.n1.heartbeat", b"after rotation")
+            assert (await sub.next_msg(timeout=5)).data == b"after rotation"
+        finally:
+            await clients.aclose()
+
+
+async def test_a_client_cut_off_by_the_reload_comes_back_once_its_new_files_arrive(
+    tmp_path: Path,
+) -> None:
+    """The other order of a rotation: the servers learn of the new certificate
+    first, so the client (still holding the old files) is dropped and refused
+    while it retries; when the new files land at its paths it gets back in."""
+    own = make_pki(tmp_path / "pki", {"ctl-1": "controller", "n1": "node"})
+    host = tmp_path / "host-pki"  # the files as the client's host has them
+    host.mkdir()
+    cert, key = host / "n1.crt", host / "n1.key"
+    cert.write_bytes(own["n1"].cert.read_bytes())
+    key.write_bytes(own["n1"].key.read_bytes())
+    async with NatsServer.local(own.dir, tmp_path / "state") as server:
+        refused, lost, back = ErrorLog(), asyncio.Event(), asyncio.Event()
+
+        async def on_lost() -> None:
+            lost.set()
+
+        async def on_back() -> None:
+            back.set()
+
+        nc = await connect(
+            server.url,
+            ca=own.ca,
+            cert=cert,
+            key=key,
+            error_cb=refused,
+            disconnected_cb=on_lost,
+            reconnected_cb=on_back,
+        )
+        try:
+            fresh = own.issue_again("node", "n1")
+            await server.reload()
+            async with asyncio.timeout(10):
+                await lost.wait()
+            # Still the old files: every attempt is refused, and the client keeps trying.
+            await refused.wait_for("authorization violation", within=10)
+            assert not back.is_set() and not nc.is_closed
+            key.write_bytes(fresh.key.read_bytes())
+            cert.write_bytes(fresh.cert.read_bytes())
+            async with asyncio.timeout(10):
+                await back.wait()
+            await nc.flush(timeout=5)
+            assert nc.is_connected
+        finally:
+            await nc.close()
