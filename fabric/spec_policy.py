@@ -52,7 +52,7 @@ import grp
 import os
 import posixpath
 import pwd
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,8 @@ from schemas.ids import validate_id
 __all__ = [
     "RESERVED_ENV_PREFIX",
     "NodeSpecPolicy",
+    "check_cwd",
+    "check_env",
     "check_on_node",
     "check_spec",
 ]
@@ -89,9 +91,9 @@ def check_spec(spec: AgentSpec, *, allow_root_agents: bool = False) -> None:
     a controller can know without the node's user database).
     """
     validate_id(spec.name, "agent id")
-    _check_env(spec)
+    check_env(spec.env, f"agent {spec.name}")
     if spec.cwd is not None:
-        _check_cwd_form(spec.cwd)
+        check_cwd(spec.cwd)
     if not allow_root_agents and "root" in (spec.user, spec.group):
         raise _root_refused(spec, "it is named root")
 
@@ -118,13 +120,14 @@ def check_on_node(
         _check_cwd_root(spec.cwd, policy.cwd_root)
 
 
-def _check_env(spec: AgentSpec) -> None:
-    reserved = sorted(k for k in spec.env if k.startswith(RESERVED_ENV_PREFIX))
+def check_env(env: Mapping[str, str], owner: str) -> None:
+    """Refuse ``FABRIC_*`` keys (``spec_env_reserved``); ``owner`` names whose env it is."""
+    reserved = sorted(k for k in env if k.startswith(RESERVED_ENV_PREFIX))
     if reserved:
         shown = ", ".join(reserved[:5]) + (" ..." if len(reserved) > 5 else "")
         raise ContractError(
             ErrorCode.SPEC_ENV_RESERVED,
-            f"agent {spec.name}: env may not set {shown}: {RESERVED_ENV_PREFIX}* is the"
+            f"{owner}: env may not set {shown}: {RESERVED_ENV_PREFIX}* is the"
             " fabric's own (the node agent sets them for the agent)",
         )
 
@@ -134,7 +137,8 @@ def _cwd_refused(cwd: str, why: str) -> ContractError:
     return ContractError(ErrorCode.SPEC_CWD_FORBIDDEN, f"cwd {shown}: {why}")
 
 
-def _check_cwd_form(cwd: str) -> None:
+def check_cwd(cwd: str) -> None:
+    """Refuse a cwd that is not absolute and normalised (``spec_cwd_forbidden``)."""
     if "\x00" in cwd:
         raise _cwd_refused(cwd, "contains a NUL byte")
     if not cwd.startswith("/"):

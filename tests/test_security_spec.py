@@ -38,6 +38,7 @@ from fabric.audit import AUDITED_CODES
 from fabric.controller.service import Controller
 from fabric.nats_server import NatsServer
 from fabric.spec_policy import NodeSpecPolicy, check_on_node, check_spec
+from fabric.tasks.batch import parse_payload
 from fabric.tokens import TokenIssuer
 from node_agent.service import NodeAgent
 from node_agent.spawn import build_env
@@ -479,3 +480,19 @@ def test_the_node_settings_come_from_flags_or_environment(
     assert from_env.spec_policy == NodeSpecPolicy(allow_root_agents=True, cwd_root=Path("/srv/b"))
     with pytest.raises(ValueError, match="absolute"):
         _config(build_parser().parse_args([*base, "--agent-cwd-root", "relative"]))
+
+
+def test_an_exec_task_with_a_reserved_env_or_bad_cwd_is_dead_on_arrival() -> None:
+    """Batch tasks become one-shot agents: the same rules, checked when the
+    payload is read, so the task is dead at once with the code instead of
+    waiting for a node to refuse its placement."""
+    assert parse_payload({"argv": ["true"], "env": {"OK": "1"}, "cwd": "/tmp"}).cwd == "/tmp"
+    cases = [
+        ({"argv": ["true"], "env": {"FABRIC_CERT": "/x"}}, ErrorCode.SPEC_ENV_RESERVED),
+        ({"argv": ["true"], "cwd": "relative"}, ErrorCode.SPEC_CWD_FORBIDDEN),
+        ({"argv": ["true"], "cwd": "/srv/../etc"}, ErrorCode.SPEC_CWD_FORBIDDEN),
+    ]
+    for payload, code in cases:
+        with pytest.raises(ContractError) as info:
+            parse_payload(payload)
+        assert info.value.code is code, payload

@@ -48,6 +48,7 @@ import msgspec
 import nats.errors
 
 from fabric.controller.registry import mutate
+from fabric.spec_policy import check_cwd, check_env
 from schemas import subjects
 from schemas.agent import (
     AgentSpec,
@@ -87,11 +88,17 @@ _TAIL_BYTES = 32 * 1024
 
 
 def parse_payload(payload: Any) -> ExecPayload:
-    """The task's payload as an :class:`ExecPayload`; ContractError(INVALID_PAYLOAD) if not."""
+    """The task's payload as an :class:`ExecPayload`; ContractError(INVALID_PAYLOAD) if not,
+    or the spec policy's code (fabric.spec_policy) for a reserved env key or a bad cwd,
+    which every node would refuse."""
     try:
-        return msgspec.convert(payload, ExecPayload, strict=True)
+        parsed = msgspec.convert(payload, ExecPayload, strict=True)
     except msgspec.ValidationError as exc:
         raise ContractError(ErrorCode.INVALID_PAYLOAD, f"bad exec payload: {exc}") from None
+    check_env(parsed.env, "exec payload")
+    if parsed.cwd is not None:
+        check_cwd(parsed.cwd)
+    return parsed
 
 
 def exec_agent_id(task_id: str, attempt: int, retry: int = 0) -> str:
