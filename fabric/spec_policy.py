@@ -6,9 +6,11 @@ Each refusal is a :class:`~schemas.errors.ContractError` with its own stable
 code, raised before anything is spawned or stored.
 
 Checked by the controller at ``create``/``update`` (:func:`check_spec`: the
-rules that hold on every node, so ``fabric run`` fails at once) and by the
-node agent on every ``place`` (:func:`check_on_node`: the same rules plus the
-node's own settings, since a node never trusts that a controller checked).
+rules that hold on every node, so ``fabric run`` fails at once), for exec
+tasks when their payload is read (:func:`check_env`, :func:`check_cwd`), and
+by the node agent on every ``place`` (:func:`check_on_node`: the same rules
+plus the node's own settings, since a node never trusts that a controller
+checked).
 
 argv
     Executed directly (``execve``), never through a shell, so shell
@@ -30,7 +32,9 @@ cwd (``spec_cwd_forbidden``)
     ``--agent-cwd-root DIR`` admits only ``DIR`` and what is below it, with
     symlinks resolved at placement time (so a link inside ``DIR`` pointing
     out is refused); a directory that does not exist yet is judged by its
-    path.
+    path. The check is made once, at placement: a link changed later, by
+    someone who may write under ``DIR``, is followed by the next spawn, so
+    keep ``DIR`` writable only by those trusted to choose where agents run.
 user/group (``spec_root_forbidden``)
     A spec whose ``user`` is uid 0 (``root``, or any name the node maps to
     uid 0) or whose ``group`` is gid 0 is refused unless the node allows root
@@ -39,7 +43,7 @@ user/group (``spec_root_forbidden``)
     agents; other names are resolved on the node only. A spec with no
     ``user`` runs as the node agent's own user: on a node agent that runs as
     root that is root, and this check does not refuse it (give such specs a
-    ``user``).
+    ``user``). Exec health checks run as the agent's user and group too.
 logs
     Log files live at ``<state_dir>/logs/<agent id>/{stdout,stderr}.log``;
     the spec names no path, and the agent id is checked against the id

@@ -50,7 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     # two lines (usage + error), and ours must be one.
     issue.add_argument("--role", required=True, help=f"one of: {', '.join(ROLES)}")
     _add_days(issue)
-    _add_force(issue)
+    issue.add_argument(
+        "--force",
+        action="store_true",
+        help="issue a name again: new files, and the old certificate (revoked or not) is"
+        " refused once the servers reload",
+    )
     issue.add_argument("name", metavar="NAME", help="identity name (becomes the certificate CN)")
     issue.set_defaults(handler=_issue)
 
