@@ -1055,6 +1055,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "leftover_processes_killed",
         )
     }
+    bounds = []
     for key, what in (("fabric_cpu", "fabric"), ("raw_cpu", "raw"), ("celery_cpu", "Celery")):
         cpu = res.extra.get(key)
         if cpu:
@@ -1062,6 +1063,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{k} {v} us ({cpu['cores_busy'][k]} cores)" for k, v in cpu["us_per_task"].items()
             )
             print(f"- CPU per task, {what} throughput run: {parts}")
+            us = cpu["us_per_task"]
+            total, (busiest, most) = sum(us.values()), max(us.items(), key=lambda kv: kv[1])
+            if total and most:
+                bounds.append(
+                    f"{what} {total} us in all (<= {2e6 / total:,.0f}/s on 2 idle cores), "
+                    f"{busiest} {most} us (<= {1e6 / most:,.0f}/s on one core)"
+                )
+    if bounds:
+        print(f"- CPU bounds, independent of what else ran: {'; '.join(bounds)}")
     print(f"- checks: {', '.join(f'{k}={v}' for k, v in checks.items())}")
     if args.profile is not None:
         for name in ("controller", "workers", "bench-client"):
