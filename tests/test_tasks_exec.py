@@ -324,7 +324,10 @@ async def stack(pki: FabricPki, tmp_path: Path) -> AsyncIterator[Stack]:
 
 
 async def _controller(rig: TaskRig, pki: FabricPki, name: str) -> Controller:
-    ctl = Controller(await rig.clients("ctl-1"), controller_config(pki, name))
+    # Node loss is not what these tests are about: a loaded machine's late
+    # heartbeat must not move a one-shot.
+    config = controller_config(pki, name, node_timeout=5.0)
+    ctl = Controller(await rig.clients("ctl-1"), config)
     ctl.task_settings = fast_settings(ack_wait=3.0)  # type: ignore[attr-defined]
     ctl.exec_settings = ExecSettings(place_wait=5.0, gone_wait=15.0)  # type: ignore[attr-defined]
     return ctl
@@ -460,10 +463,10 @@ async def test_a_controller_stopping_mid_exec_hands_the_same_one_shot_to_the_nex
     second = await _controller(rig, pki, "ctl-2")
     async with running(second):
         # Taken over after the ack wait: the record names the new dispatcher.
-        await rig.record_until(tasks.nc, "job-handover", lambda r: r.dispatcher == "ctl-2", 20)
+        await rig.record_until(tasks.nc, "job-handover", lambda r: r.dispatcher == "ctl-2", 60)
         assert [int(x) for x in _lines(pids)] == [pid] and psutil.pid_exists(pid)
         gate.touch()
-        record = await tasks.wait("job-handover", within=30)
+        record = await tasks.wait("job-handover", within=60)
         assert record.state is TaskState.SUCCEEDED and record.attempts == 1
         assert record.result["stdout"] == ["finished"] and record.agent_id == "exec-job-handover-1"
         assert [int(x) for x in _lines(pids)] == [pid]  # it ran once
@@ -494,3 +497,84 @@ async def test_cli_submit_exec_wait(stack: Stack) -> None:
     assert lines[0] == "submitted cli-exec (exec, queue position 1)"
     result = json.loads("\n".join(lines[1:]))
     assert result["exit_code"] == 0 and result["stdout"] == ["hi"]
+
+
+# A whole controller in its own process (to be SIGKILLed), with this module's
+# test timings: what `fabric controller run` does, plus a short ack wait.
+CONTROLLER = """
+import asyncio, sys
+from pathlib import Path
+from fabric.connect import connect
+from fabric.controller.service import Controller, ControllerConfig
+from fabric.controller.streams import StreamSettings
+from fabric.tasks.dispatch import DispatchSettings
+from fabric.tasks.stream import QueueSettings
+
+async def main(name, pki):
+    config = ControllerConfig(
+        name=name,
+        signing_key=pki / "signing.key",
+        verify_keys=(pki / "signing.pub",),
+        node_timeout=5.0,
+        reconcile_interval=0.1,
+        lease_ttl=1.0,
+        streams=StreamSettings(lease_ttl=1.0),
+    )
+    ctl = Controller(await connect(name=name), config)
+    ctl.task_settings = DispatchSettings(queue=QueueSettings(ack_wait=3.0))
+    run = asyncio.create_task(ctl.run())
+    await ctl.started.wait()
+    print("ready", flush=True)
+    await run
+
+asyncio.run(main(sys.argv[1], Path(sys.argv[2])))
+"""
+
+
+async def test_kill_9_of_the_controller_mid_exec_leaves_one_run_collected_by_the_next(
+    pki: FabricPki, tmp_path: Path
+) -> None:
+    """A controller process running an exec task is SIGKILLed mid-run; the next
+    controller takes the redelivered task, finds the one-shot by its name and
+    collects its result. One process ran, once; nothing is left behind."""
+    server = NatsServer.local(pki.dir, tmp_path / "nats")
+    await server.start()
+    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
+    fleet = Fleet(pki, server, tmp_path)
+    try:
+        env = {**rig.env("ctl-1"), "PYTHONPATH": str(ROOT)}
+        argv = [PY, "-c", CONTROLLER, "ctl-a", str(pki.dir)]
+        doomed = rig.spawn("ctl-a", argv, env)
+        await rig.started("ctl-a")
+        fleet.start("n1")
+        tasks = await rig.tasks()
+        pids, gate = tmp_path / "pids", tmp_path / "gate"
+        code = (
+            "import os, sys, time\n"
+            "open(sys.argv[1], 'a').write(f'{os.getpid()}\\n')\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.02)\n"
+            "print('finished')\n"
+        )
+        payload = {"argv": [PY, "-c", code, str(pids), str(gate)]}
+        await tasks.submit("exec", payload, task_id="job-k9")
+        await until(lambda: len(_lines(pids)) == 1, within=30)
+        pid = int(_lines(pids)[0])
+        doomed.kill()
+        doomed.wait(timeout=10)
+
+        second = await _controller(rig, pki, "ctl-b")
+        async with running(second):
+            await rig.record_until(tasks.nc, "job-k9", lambda r: r.dispatcher == "ctl-b", 60)
+            assert [int(x) for x in _lines(pids)] == [pid] and psutil.pid_exists(pid)
+            gate.touch()
+            record = await tasks.wait("job-k9", within=60)
+            assert record.state is TaskState.SUCCEEDED and record.attempts == 1
+            assert record.result["stdout"] == ["finished"] and record.node_id == "n1"
+            assert [int(x) for x in _lines(pids)] == [pid]
+            await until(lambda: "exec-job-k9-1" not in _deployed(second), within=15)
+            await until(lambda: not psutil.pid_exists(pid), within=15)
+            await fleet.stop_all()
+    finally:
+        await fleet.stop_all()
+        await rig.aclose()
+        await server.stop()

@@ -85,11 +85,14 @@ async def stack(pki: FabricPki, tmp_path: Path) -> AsyncIterator[tuple[TaskRig, 
     await server.start()
     rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
     fleet = WorkerFleet(pki, server, tmp_path)
-    ctl = Controller(await rig.clients("ctl-1"), controller_config(pki, "ctl-1"))
+    # A loaded machine must not make the node look lost (its agents leave the
+    # view and waiters go back to the queue): this test is about order only.
+    config = controller_config(pki, "ctl-1", node_timeout=10.0)
+    ctl = Controller(await rig.clients("ctl-1"), config)
     # One "prio" task at a time, and waiters held for the whole test (not
     # handed back after busy_hold), so the order is the dispatcher's choice.
     ctl.task_settings = fast_settings(  # type: ignore[attr-defined]
-        ack_wait=3.0, busy_hold=120.0, type_limits={"prio": 1}
+        ack_wait=10.0, busy_hold=120.0, type_limits={"prio": 1}
     )
     try:
         async with running(ctl):
