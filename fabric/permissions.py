@@ -28,7 +28,8 @@ operator
     publish ``agents.*.commands``, ``nodes.*.commands``, ``tasks.*.queue``,
     ``tasks.*.direct`` (the at-most-once task path),
     ``fabric.discover``, ``fabric.api.>``, ``$SRV.>``, ``$JS.API.>``,
-    ``$JS.FC.EVENTS.>``; subscribe like viewer.
+    ``$JS.FC.EVENTS.>``, ``$JS.FC.KV_fabric_tasks.>`` (flow control of
+    event replays and of task-record watches); subscribe like viewer.
 viewer
     publish ``fabric.discover``, ``$SRV.PING|INFO|STATS`` (and ``.>``), and
     read-only JetStream calls on stream ``EVENTS`` for replay; subscribe
@@ -217,6 +218,10 @@ ROLE_PERMISSIONS: dict[str, RoleRow] = {
             "$SRV.>",
             "$JS.API.>",
             "$JS.FC.EVENTS.>",
+            # Flow-control replies of a watch on the task records (`fabric task
+            # submit --wait`): without them the server stops the watch after a
+            # few MB of record versions and the wait never sees the end.
+            "$JS.FC.KV_fabric_tasks.>",
         ),
         subscribe=_WATCH,
     ),
