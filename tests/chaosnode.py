@@ -165,10 +165,24 @@ class Prober:
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     replies: list[Any] = field(default_factory=list)
+    stopped: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def start(self) -> Prober:
+        self.task = asyncio.create_task(self.run())
+        return self
+
+    async def stop(self) -> None:
+        """Stop probing. The flag, not only the cancel: Python 3.11's wait_for (inside
+        nats-py's request) can swallow a cancellation that lands as its reply does."""
+        self.stopped = True
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.stopped:
             started = loop.time()
             try:
                 reply = await command(

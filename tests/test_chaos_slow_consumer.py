@@ -78,7 +78,7 @@ async def test_a_dashboard_that_never_reads_slows_no_one(
     controllers.start("ctl-chaos", [nats_server.url])
     node = NodeProc(pki, nats_server.url, tmp_path / "state", tmp_path / "node.log", heartbeat=0.3)
     raw: RawSubscriber | None = None
-    tasks: list[asyncio.Task[None]] = []
+    probes: list[Prober] = []
     try:
         op = await ops("op-1")
         viewer = await ops("view-1")
@@ -116,12 +116,13 @@ async def test_a_dashboard_that_never_reads_slows_no_one(
             op, subjects.node_commands("n1"), lambda: ListAgents(token=iss.mint("op-1", ["read"]))
         )
         api_probe = Prober(op, subjects.api("list"), api_list, decoder=decode_api)
-        tasks = [asyncio.create_task(node_probe.run()), asyncio.create_task(api_probe.run())]
+        probes = [node_probe.start(), api_probe.start()]
 
         # Watched in the server's log: reading the socket would make it a reader.
         await until(lambda: cut_line(nats_server) is not None, within=CUT_WITHIN, step=0.1)
         cut_after = loop.time() - started
-        assert raw.cut_by_server()  # what is left in its buffer, then the server's EOF
+        # Reading now drains what was queued for it, then meets the server's EOF.
+        await until(raw.cut_by_server, within=5, step=0.05)
         # Everyone else carries on after the cut.
         after_cut = len(node_probe.latencies)
         await until(lambda: len(node_probe.latencies) >= after_cut + 5, within=5)
@@ -142,9 +143,8 @@ async def test_a_dashboard_that_never_reads_slows_no_one(
         assert not events.of("node.lost", "n1"), "the controller lost the node"
         assert node.alive() and controllers.procs["ctl-chaos"].poll() is None
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for probe in probes:
+            await probe.stop()
         if raw is not None:
             raw.close()
         code = await node.stop()
