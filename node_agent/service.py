@@ -178,9 +178,16 @@ class NodeAgent:
                 self._notifier.stopping(f"shutting down ({self._shutdown_mode})")
                 log.info("node %s shutting down (%s)", cfg.node_id, self._shutdown_mode)
                 await sup.shutdown(self._shutdown_mode)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # Cancel until they end: on Python 3.11 asyncio.wait_for (inside
+                # nats-py's flush, which the contact loop calls twice a second)
+                # swallows a cancel that lands as its future completes, and the
+                # loop then went on for ever, the node with it (SIGTERM with
+                # 1,000 agents: stuck until SIGKILLed).
+                while pending := [t for t in tasks if not t.done()]:
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.wait(pending, timeout=1.0)
+                await asyncio.gather(*tasks, return_exceptions=True)  # all done: collects errors
                 # Saying goodbye on NATS must never keep the node from exiting.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(10):
