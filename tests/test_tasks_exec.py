@@ -257,7 +257,7 @@ async def test_runner_moved_by_the_leader_is_a_lost_attempt() -> None:
     fleet.place("exec-t1-2", "n2", epoch=4)  # its node lost: placed elsewhere
     result, node_id = await asyncio.wait_for(run, 5)
     assert result.outcome is TaskOutcome.FAILED and node_id == "n1"
-    assert result.error == "node n1 was lost while it ran exec-t1-2"
+    assert result.error == "exec-t1-2 was moved off node n1 (node lost, or it failed there)"
     assert "exec-t1-2" in fleet.removed
 
 
@@ -273,6 +273,20 @@ async def test_runner_with_no_matching_node_hands_the_task_back() -> None:
     assert result.outcome is TaskOutcome.RETRY
     assert result.error == "no node can run it yet: no node has label zone=b"
     assert fleet.removed == ["exec-t1-1"]
+
+
+async def test_runner_after_a_hand_back_waits_out_the_removal_then_runs() -> None:
+    fleet = FakeFleet()
+    await fleet.create(one_shot(TRUE, "exec-t1-1"), "op")
+    fleet.records["exec-t1-1"] = msgspec.structs.replace(fleet.records["exec-t1-1"], deleting=True)
+    fleet.created.clear()
+    runner = BatchRunner(fleet, ExecSettings(poll=0.005))
+    run = _start(runner, 1)
+    await _step(fleet, lambda: fleet.created == ["exec-t1-1"])
+    fleet.place("exec-t1-1", "n1")
+    fleet.states["exec-t1-1"] = AgentState.EXITED
+    result, _ = await asyncio.wait_for(run, 5)
+    assert result.outcome is TaskOutcome.SUCCEEDED
 
 
 async def test_runner_removes_a_leftover_of_the_previous_attempt_first() -> None:

@@ -357,16 +357,20 @@ class BatchRunner:
             if fleet.record(previous) is not None or fleet.running_on(previous):
                 await self._gone(previous)
         record = fleet.record(agent_id)
+        if record is not None and record.deleting:
+            # Being removed: by a dispatcher that ran this attempt and stopped
+            # before settling it (resumed: its outcome is lost), or after a
+            # hand-back (not resumed: it never ran, the name is free once gone).
+            await self._gone(agent_id)
+            if resumed:
+                return _Outcome("failed", f"one-shot {agent_id} was removed before it finished")
+            record = fleet.record(agent_id)
         if record is None and resumed:
             # Our record says this attempt was under way, but its one-shot is
             # gone: it may have run. Count the attempt; never guess it did not.
-            await self._gone(agent_id)
             return _Outcome("failed", f"one-shot {agent_id} vanished while its attempt ran")
         if record is None:
             await fleet.create(one_shot(payload, agent_id), task.submitted_by or "exec")
-        elif record.deleting:
-            await self._gone(agent_id)
-            return _Outcome("failed", f"one-shot {agent_id} was removed before it finished")
         loop = asyncio.get_running_loop()
         place_until = loop.time() + settings.place_wait
         node_id: str | None = None
@@ -384,16 +388,16 @@ class BatchRunner:
             if node_id is not None and (
                 placed is None or placed.node_id != node_id or placed.epoch != epoch
             ):
-                # The leader moved it (its node lost, or it failed there).
+                # The leader moved it: its node was lost, or it failed there.
                 await self._remove(agent_id)
-                return _Outcome(
-                    "failed", f"node {node_id} was lost while it ran {agent_id}", node_id=node_id
-                )
+                why = f"{agent_id} was moved off node {node_id} (node lost, or it failed there)"
+                return _Outcome("failed", why, node_id=node_id)
             if node_id is None and placed is not None and placed.node_id is not None:
                 node_id, epoch = placed.node_id, placed.epoch
             if node_id is None:
                 if now >= place_until:
-                    await self._remove(agent_id)
+                    # Gone before the hand-back, so its next delivery may use the name.
+                    await self._gone(agent_id)
                     why = placed.reason if placed is not None and placed.reason else "not placed"
                     return _Outcome("retry", f"no node can run it yet: {why}")
             else:
