@@ -6,6 +6,10 @@
 * :mod:`fabric.tasks.agents` - the pure :func:`~fabric.tasks.agents.choose_agent`
   and a controller's view of running agents and their capabilities.
 * :mod:`fabric.tasks.dispatch` - the dispatcher every controller runs.
+* :mod:`fabric.tasks.priority` - what ``Task.priority`` orders: the tasks one
+  dispatcher holds waiting for a slot, and each fetched batch.
+* :mod:`fabric.tasks.batch` - ``exec`` tasks: a command run once as a
+  one-shot agent, its exit code, duration and output tail as the result.
 * :mod:`fabric.tasks.admission` - the submit token a dispatcher checks first
   (refused tasks are recorded ``refused`` and never run), and retries.
 * :mod:`fabric.tasks.backlog` - the backlog per type (discovery, top, metrics).
