@@ -274,7 +274,8 @@ class Succeeded:
 class FabricUp:
     """``fabric up`` as a subprocess in a temporary state directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, untokened: bool = False) -> None:
+        self.untokened = untokened
         self.dir = Path(tempfile.mkdtemp(prefix="fabric-bench-tasks-"))
         self.log = self.dir / "fabric-up.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -289,7 +290,8 @@ class FabricUp:
         prepare_pki(pki, 1)
         issue_identity(pki, "controller", RAW_ID)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
-        argv = [sys.executable, "-m", "fabric", "up", "--state-dir", str(self.dir), "--port", "0"]
+        up = [str(HERE), "up-untokened"] if self.untokened else ["-m", "fabric", "up"]
+        argv = [sys.executable, *up, "--state-dir", str(self.dir), "--port", "0"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 argv,
@@ -402,13 +404,32 @@ async def deploy_workers(client: Any, concurrency: int, within: float = 60) -> N
         await sub.unsubscribe()
 
 
-async def run_fabric(plan: Plan, res: Results, profile: Path | None) -> None:
+def up_untokened(argv: list[str]) -> int:
+    """``tasks.py up-untokened ARGS``: ``fabric up ARGS`` whose controller admits tasks
+    without a submit token (``--allow-untokened-tasks``), to measure what the checks cost."""
+    from fabric import up
+    from fabric.cli import main as fabric_main
+
+    make_child = up.LocalFabric._controller_child
+
+    def controller_child(self: up.LocalFabric) -> up.Child:
+        child = make_child(self)
+        child.argv.append("--allow-untokened-tasks")
+        return child
+
+    up.LocalFabric._controller_child = controller_child  # type: ignore[method-assign]
+    return fabric_main(["up", *argv])
+
+
+async def run_fabric(
+    plan: Plan, res: Results, profile: Path | None, untokened: bool = False
+) -> None:
     from fabric.client import open_client
     from fabric.tasks.client import TaskClient, new_task_id
     from fabric.tasks.stream import TASKS_STREAM
 
-    fab = FabricUp()
-    log(f"fabric up in {fab.dir}")
+    fab = FabricUp(untokened)
+    log(f"fabric up in {fab.dir}{' (tasks admitted without tokens)' if untokened else ''}")
     fab.start()
     try:
         await fab.ready()
@@ -423,7 +444,9 @@ async def run_fabric(plan: Plan, res: Results, profile: Path | None) -> None:
             await deploy_workers(client, plan.worker_concurrency)
             # As `fabric task submit` does: a fresh signed token (scope tasks:submit) per task.
             tasks = TaskClient(
-                nc, submitted_by=client.subject, token=lambda: client.mint(["tasks:submit"])
+                nc,
+                submitted_by=client.subject,
+                token=None if untokened else lambda: client.mint(["tasks:submit"]),
             )
             js = nc.jetstream()
 
@@ -977,6 +1000,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--concurrency", type=int, default=16)
         run_worker(sub.parse_args(args_list[1:]).concurrency)
         return 0
+    if args_list[:1] == ["up-untokened"]:
+        return up_untokened(args_list[1:])
     if args_list[:1] == ["raw-consumer"]:
         url, ca, cert, key, count = args_list[1:6]
         asyncio.run(raw_consumer(url, ca, cert, key, int(count)))
@@ -985,6 +1010,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--skip-celery", action="store_true", help="fabric and raw only")
+    parser.add_argument(
+        "--untokened",
+        action="store_true",
+        help="submit without tokens, the controller started with --allow-untokened-tasks "
+        "(what checking one submit token per task costs)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -1007,7 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         try:
-            asyncio.run(run_fabric(plan, res, args.profile))
+            asyncio.run(run_fabric(plan, res, args.profile, args.untokened))
             if not args.skip_celery:
                 run_celery(plan, res, res.latency_rate)
         except KeyboardInterrupt:
@@ -1025,6 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = {
             "machine": info,
             "quick": args.quick,
+            "untokened": args.untokened,
             "plan": plan.__dict__,
             "fabric_tasks_per_s": res.fabric_rate,
             "fabric_submit_per_s": res.fabric_submit_rate,
@@ -1047,8 +1079,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
+    given = (("--quick", args.quick), ("--untokened", args.untokened))
+    flags = " ".join(flag for flag, on in given if on)
     print(
-        f"tasks bench{' (--quick)' if args.quick else ''}: {info['date']}, nproc {info['nproc']}, "
+        f"tasks bench{f' ({flags})' if flags else ''}: {info['date']}, nproc {info['nproc']}, "
         f"Python {info['python']}, kernel {info['kernel']}, "
         f"{res.extra.get('celery_versions', 'Celery not run')}, "
         f"redis-server {res.extra.get('redis_version', '-')}, "
