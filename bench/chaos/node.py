@@ -52,6 +52,7 @@ for entry in (ROOT / "tests", ROOT):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+import psutil  # noqa: E402
 from agents.harness import until  # noqa: E402
 from chaosnode import (  # noqa: E402
     Beats,
@@ -209,7 +210,7 @@ async def flapping(pki: FabricPki, server: NatsServer, base: Path, args: Any) ->
             run_dir = base / f"flap-{run}"
             run_dir.mkdir()
             async with node_and_watch(pki, server, run_dir, run_dir / "state", clients=clients) as (
-                _node,
+                node,
                 w,
             ):
                 slow = Backoff(initial=0.05, max=0.4, multiplier=2.0, jitter=0.0)
@@ -217,11 +218,18 @@ async def flapping(pki: FabricPki, server: NatsServer, base: Path, args: Any) ->
                 for name in names:
                     backoff = slow if name.startswith("flap") else Backoff(0, 0, 1, 0)
                     await w.place(flapper(name, backoff))
+                proc = psutil.Process(node.pid)
+                cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
                 w.probing()
                 await asyncio.sleep(args.seconds)  # the scenario's duration
                 await w.stop_probing()
+                cpu = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
                 w.judge(row)
                 exits = sum(len(w.events.of("agent.exited", n)) for n in names)
+                row.figures.append(
+                    f"run {run}: {exits / args.seconds:.0f} crashes/s, node agent "
+                    f"{cpu * 100:.0f} % of a core, load {os.getloadavg()[0]:.1f}"
+                )
                 early = 0
                 for name in names[:5]:
                     gaps = backoff_gaps(w.events, name)
