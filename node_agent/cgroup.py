@@ -21,7 +21,21 @@ in its own cgroup and in the agents' parent. This module does exactly that
 when the first enabling attempt fails with EBUSY.
 
 Every write here is a small sysfs write done inline: they take microseconds
-and cannot block on disk.
+and cannot block on disk, with one exception a host should fix: moving a
+process into a cgroup (a write to ``cgroup.procs``, done for every spawn by
+node_agent.spawn) takes ``cgroup_threadgroup_rwsem`` for writing, and on a
+cgroup2 mount without ``favordynmods`` that waits for an RCU grace period
+whenever no other migration happened within the last one: 12-15 ms on this
+kind of VM (HZ=250, lazy RCU), against ~0.05 ms with it. That write is on
+the path of every spawn and restart (kill -9 -> new pid RUNNING: ~22 ms
+instead of 5-8). Where the node agent's host owns the hierarchy, mount it
+with the option (Linux 6.0+): ``mount -o remount,favordynmods
+/sys/fs/cgroup`` (``/sys/fs/cgroup/unified`` on a hybrid host), or build the
+kernel with ``CONFIG_CGROUP_FAVOR_DYNMODS=y``. The cost of the option is
+slower fork/exit paths in exchange for cheap migrations, which is the trade
+a process supervisor wants; on kernel 6.18 it cannot be turned off again
+until reboot ("per threadgroup rwsem mechanism can't be disabled").
+``bench/node_agent.py`` prints what a join adds to a spawn on its machine.
 """
 
 from __future__ import annotations
