@@ -46,6 +46,7 @@ from schemas.codec import decode
 from schemas.command import CommandResult, LogLinesResult, StatusAgent, TailLogs
 from schemas.errors import ContractError, ErrorCode
 from schemas.ids import validate_id
+from schemas.node import NodeState
 from schemas.task import Task, TaskOutcome, TaskResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,6 +435,32 @@ async def test_bad_payload_is_dead_with_a_code_and_never_runs(stack: Stack, payl
     assert record.error is not None and record.error.startswith("invalid_payload: ")
     assert record.agent_id is None and record.started_at is None
     assert not [d for d in _deployed(ctl) if d.startswith("exec-")]
+
+
+async def test_no_matching_node_waits_without_using_attempts_then_runs_when_one_is_back(
+    stack: Stack,
+) -> None:
+    rig, ctl = stack.rig, stack.ctl
+    tasks = await rig.tasks()
+    # The only zone-b node leaves (a clean shutdown) ...
+    n2 = stack.fleet.procs["n2"]
+    n2.terminate()
+    await until(lambda: n2.poll() is not None, within=20)
+    # Lost, not just quiet: a node still within its timeout is placed on.
+    await until(lambda: ctl.node_states.get("n2") is NodeState.LOST, within=20)
+    payload = {"argv": ["echo", "found"], "constraints": {"labels": {"zone": "b"}}}
+    await tasks.submit("exec", payload, task_id="job-wait", max_attempts=1)
+    seen = await rig.record_until(
+        tasks.nc, "job-wait", lambda r: r.waiting.startswith("no node can run it yet"), 30
+    )
+    assert seen[-1].state is TaskState.QUEUED and seen[-1].attempts == 0
+
+    # ... and comes back: the task runs there, its attempt budget untouched.
+    stack.fleet.start("n2", zone="b")
+    record = await tasks.wait("job-wait", within=60)
+    assert record.state is TaskState.SUCCEEDED, record.error
+    assert (record.attempts, record.node_id) == (1, "n2")
+    assert record.result["stdout"] == ["found"]
 
 
 async def test_timeout_stops_it_and_fails_the_attempt(stack: Stack, tmp_path: Path) -> None:
