@@ -50,7 +50,7 @@ from nats.aio.msg import Msg
 from natsfixtures import Clients, FabricPki
 
 from fabric.controller.lease import LEASE_KEY, LeaseValue
-from fabric.controller.streams import LEASE_BUCKET
+from fabric.controller.streams import EVENTS_STREAM, LEASE_BUCKET
 from fabric.nats_server import NatsCluster, NatsServer
 from fabric.tasks.client import TaskClient
 from fabric.tasks.records import TaskRecord, TaskState, decode_record
@@ -211,6 +211,29 @@ async def _read_records(nc: Client) -> dict[str, TaskRecord]:
         with contextlib.suppress(Exception):
             await watcher.stop()  # type: ignore[no-untyped-call]
     return out
+
+
+async def stored_events(nc: Client, subject: str, within: float = 60) -> Counter[str]:
+    """How often each CloudEvents ``subject`` (a task id) is stored in EVENTS
+    under ``subject`` (e.g. ``events.task.succeeded``): one ordered read."""
+    seen: Counter[str] = Counter()
+    js = nc.jetstream()
+    info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
+    total = (info.state.subjects or {}).get(subject, 0)
+    if not total:
+        return seen
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    try:
+        async with asyncio.timeout(within):
+            read = 0
+            while read < total:
+                msg = await sub.next_msg(timeout=10)
+                read += 1
+                seen[json.loads(msg.data)["subject"]] += 1
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return seen
 
 
 async def lease_holder(nc: Client) -> str | None:

@@ -31,20 +31,24 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for entry in (ROOT / "tests", ROOT / "bench", ROOT):
-    if str(entry) not in sys.path:
-        sys.path.insert(0, str(entry))
+# The root first, even when PYTHONPATH holds it already: bench/node_agent.py
+# must not shadow the node_agent package.
+for entry in (str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT)):
+    while entry in sys.path:
+        sys.path.remove(entry)
+    sys.path.insert(0, entry)
 
 from _common import Marker, machine, pct, render_table  # noqa: E402
 from natsfixtures import make_pki  # noqa: E402
-from taskchaos import ChaosRig, LeaderKill, leader_kill  # noqa: E402
+from taskchaos import ChaosRig, LeaderKill, leader_kill, stored_events  # noqa: E402
 
 from fabric.nats_server import NatsServer  # noqa: E402
 
 CONTROLLERS = ("ctl-a", "ctl-b", "ctl-c")
 
 
-async def one_run(tasks: int, workers: int, lease_ttl: float) -> LeaderKill:
+async def one_run(tasks: int, workers: int, lease_ttl: float) -> tuple[LeaderKill, int]:
+    """The run, and how many burst tasks have no ``task.succeeded`` event in EVENTS."""
     with tempfile.TemporaryDirectory(prefix="fabric-chaos-leader-") as tmp:
         base = Path(tmp)
         pki = make_pki(base / "pki")
@@ -52,9 +56,11 @@ async def one_run(tasks: int, workers: int, lease_ttl: float) -> LeaderKill:
         await server.start()
         rig = ChaosRig(pki, base, [server.url])
         try:
-            return await leader_kill(
+            run = await leader_kill(
                 rig, burst=tasks, controllers=CONTROLLERS, lease_ttl=lease_ttl, workers=workers
             )
+            events = await stored_events(await rig.admin(), "events.task.succeeded")
+            return run, sum(1 for i in range(tasks) if not events[f"burst-{i}"])
         finally:
             await rig.aclose()
             await server.stop()
@@ -64,10 +70,12 @@ async def main(args: argparse.Namespace) -> int:
     marker = Marker()
     marker.install()
     runs: list[LeaderKill] = []
+    no_event: list[int] = []
     try:
         for n in range(args.runs):
-            run = await one_run(args.tasks, args.workers, args.lease_ttl)
+            run, missing_events = await one_run(args.tasks, args.workers, args.lease_ttl)
             runs.append(run)
+            no_event.append(missing_events)
             print(
                 f"run {n + 1}: {run.tasks} tasks in {run.seconds:.1f}s, killed {run.leader},"
                 f" {run.successor} led after {run.takeover:.2f}s, lost {run.lost},"
@@ -90,6 +98,7 @@ async def main(args: argparse.Namespace) -> int:
             f"{r.takeover:.2f}",
             f"{r.seconds:.1f}",
             f"{r.tasks / r.seconds:.0f}",
+            str(no_event[n]),
         ]
         for n, r in enumerate(runs)
     ]
@@ -106,6 +115,7 @@ async def main(args: argparse.Namespace) -> int:
                 "new leader s",
                 "burst s",
                 "tasks/s",
+                "no succeeded event",
             ],
             rows,
         )

@@ -35,20 +35,24 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for entry in (ROOT / "tests", ROOT / "bench", ROOT):
-    if str(entry) not in sys.path:
-        sys.path.insert(0, str(entry))
+# The root first, even when PYTHONPATH holds it already: bench/node_agent.py
+# must not shadow the node_agent package.
+for entry in (str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT)):
+    while entry in sys.path:
+        sys.path.remove(entry)
+    sys.path.insert(0, entry)
 
 from _common import Marker, machine, render_table  # noqa: E402
 from natsfixtures import make_pki  # noqa: E402
-from taskchaos import ChaosRig, ClusterLoad, ServerLoss  # noqa: E402
+from taskchaos import ChaosRig, ClusterLoad, ServerLoss, stored_events  # noqa: E402
 
 from fabric.nats_server import NatsCluster, free_port  # noqa: E402
 from fabric.tasks.stream import RECORDS_BUCKET, TASKS_STREAM  # noqa: E402
 
 
-async def one_run(rate: float, after: int) -> tuple[list[ServerLoss], int, int]:
-    """The three phases; also the submitter's reconnects and stray effects."""
+async def one_run(rate: float, after: int) -> tuple[list[ServerLoss], int, int, int]:
+    """The three phases; also the submitter's reconnects, stray effects, and
+    acknowledged tasks with no ``task.succeeded`` event stored in EVENTS."""
     with tempfile.TemporaryDirectory(prefix="fabric-chaos-server-") as tmp:
         base = Path(tmp)
         pki = make_pki(base / "pki")
@@ -72,7 +76,10 @@ async def one_run(rate: float, after: int) -> tuple[list[ServerLoss], int, int]:
             finally:
                 if not second.running:
                     await second.start()
-            return phases, load.reconnects, len(load.strays())
+            events = await stored_events(await rig.admin(), "events.task.succeeded")
+            assert load.submitter is not None
+            no_event = sum(1 for i in load.submitter.acked if not events[i])
+            return phases, load.reconnects, len(load.strays()), no_event
         finally:
             await rig.aclose()
             await cluster.stop()
@@ -84,10 +91,12 @@ async def main(args: argparse.Namespace) -> int:
     rows: list[list[str]] = []
     all_phases: list[ServerLoss] = []
     strays = 0
+    no_event = 0
     try:
         for n in range(args.runs):
-            phases, reconnects, stray = await one_run(args.rate, args.after)
+            phases, reconnects, stray, missing_events = await one_run(args.rate, args.after)
             strays += stray
+            no_event += missing_events
             all_phases += phases
             for p in phases:
                 rows.append(
@@ -175,6 +184,7 @@ async def main(args: argparse.Namespace) -> int:
         )
     )
     print(f"\nstray effects (tasks never submitted): {strays}")
+    print(f"acknowledged tasks with no task.succeeded event in EVENTS: {no_event}")
     print(f"machine: {machine()}")
     return 0 if lost == 0 else 1
 
