@@ -29,9 +29,13 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+
+from schemas.ids import is_valid_id
 
 __all__ = [
     "ENV_CA",
@@ -40,6 +44,7 @@ __all__ = [
     "ENV_URL",
     "ConnectError",
     "connect",
+    "inbox_prefix",
     "js_publish",
     "parse_urls",
     "tls_context",
@@ -142,6 +147,23 @@ class _ChainReloader:
         return True
 
 
+def inbox_prefix(cert: Path) -> str | None:
+    """``_INBOX.<name>`` for the identity named in ``cert``'s CN, else None.
+
+    The server lets each identity subscribe only to its own inboxes (see
+    :mod:`fabric.permissions`), so replies to a request must come back there.
+    """
+    try:
+        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = names[0].value if names else None
+    if not isinstance(name, str) or not is_valid_id(name):
+        return None
+    return f"_INBOX.{name}"
+
+
 async def _log_error(exc: Exception) -> None:
     log.warning("nats: %s: %s", type(exc).__name__, exc)
 
@@ -210,6 +232,9 @@ async def connect(
     allow_reconnect = bool(options.pop("allow_reconnect"))
     max_reconnects = int(options.pop("max_reconnect_attempts"))
     options["name"] = name or f"fabric-{cert_path.stem}"
+    prefix = inbox_prefix(cert_path)
+    if prefix is not None:
+        options.setdefault("inbox_prefix", prefix)
 
     connected = False
     last_error: BaseException | None = None

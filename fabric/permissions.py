@@ -14,15 +14,16 @@ i.e. one reply to each request received, with no publish right on inboxes):
 controller
     publish and subscribe: every fabric family (``agents.>``, ``nodes.>``,
     ``tasks.>``, ``events.>``, ``fabric.>``), JetStream and KV (``$JS.API.>``,
-    ``$JS.ACK.>``, ``$JS.EVENT.>``, ``$JS.FC.>``, ``$KV.>``), ``$SRV.>`` and
-    ``_INBOX.>``; replies. Listed family by family rather than ``>`` so a new
-    family is a deliberate change here.
+    ``$JS.ACK.>``, ``$JS.EVENT.>``, ``$JS.FC.>``, ``$KV.>``) and ``$SRV.>``;
+    publish to any ``_INBOX.>``, subscribe only ``_INBOX.<own>.>``; replies.
+    Listed family by family rather than ``>`` so a new family is a deliberate
+    change here.
 node (per identity: ``<own>`` is the node_id)
     publish ``nodes.<own>.heartbeat``, ``nodes.<own>.register``,
     ``agents.*.status``, ``agents.*.logs``, ``events.agent.>``,
     ``events.node.>``, ``fabric.discover``; replies (command results, ``$SRV``
     answers). Subscribe ``nodes.<own>.commands``, ``agents.*.commands`` (it
-    cannot know in advance which agents it will host), ``_INBOX.>`` (register
+    cannot know in advance which agents it will host), ``_INBOX.<own>.>`` (register
     and discover replies), ``$SRV.>``. No JetStream at all.
 operator
     publish ``agents.*.commands``, ``nodes.*.commands``, ``tasks.*.queue``,
@@ -34,20 +35,21 @@ viewer
     publish ``fabric.discover``, ``$SRV.PING|INFO|STATS`` (and ``.>``), and
     read-only JetStream calls on stream ``EVENTS`` for replay; subscribe
     ``agents.*.status``, ``agents.*.logs``, ``nodes.*.heartbeat``,
-    ``events.>``, ``_INBOX.>``.
+    ``events.>``, ``_INBOX.<own>.>``.
 worker
     publish ``events.task.>``; replies (task results, ``$SRV`` answers), each
     allowed for 24 h after its assignment since a task may run that long
     (nats-server's default window is 2 min; a config reload resets the
     tracking, so a reply pending across a reload is lost and the task is
-    retried); subscribe ``agents.*.tasks``, ``tasks.*.direct``, ``_INBOX.>``,
+    retried); subscribe ``agents.*.tasks``, ``tasks.*.direct``, ``_INBOX.<own>.>``,
     ``$SRV.>``.
 
 Notes:
 
-* ``_INBOX.>`` on subscribe is what ``request()`` needs for its replies. It is a
-  wildcard over every client's inboxes, so a user holding it could in principle
-  read replies meant for others; a per-identity inbox prefix would close that.
+* Replies come back on each identity's own inboxes, ``_INBOX.<name>.>``
+  (:func:`fabric.connect.connect` sets that prefix from the certificate's
+  name): nobody may subscribe to the replies meant for another identity, so a
+  worker cannot read an operator's API answers or a node's commands' replies.
 * The operator's ``$JS.API.>`` is broad on purpose: submitting a task with an
   ack, reading EVENTS and KV all go through it, and narrowing it per stream
   would mean tracking every JetStream call nats-py makes. Operators are trusted
@@ -100,7 +102,7 @@ _WATCH = (
     "agents.*.logs",
     "nodes.*.heartbeat",
     "events.>",
-    "_INBOX.>",
+    "_INBOX.{name}.>",
 )
 
 _CONTROLLER_FAMILIES = (
@@ -115,7 +117,6 @@ _CONTROLLER_FAMILIES = (
     "$JS.FC.>",
     "$KV.>",
     "$SRV.>",
-    "_INBOX.>",
 )
 
 
@@ -184,8 +185,10 @@ class RoleRow:
 
 ROLE_PERMISSIONS: dict[str, RoleRow] = {
     "controller": RoleRow(
-        publish=_CONTROLLER_FAMILIES,
-        subscribe=_CONTROLLER_FAMILIES,
+        # Publish to any inbox (the controller answers whoever asks, also
+        # for requests it did not receive itself); read only its own.
+        publish=(*_CONTROLLER_FAMILIES, "_INBOX.>"),
+        subscribe=(*_CONTROLLER_FAMILIES, "_INBOX.{name}.>"),
         allow_responses=True,
     ),
     "node": RoleRow(
@@ -201,7 +204,7 @@ ROLE_PERMISSIONS: dict[str, RoleRow] = {
         subscribe=(
             "nodes.{name}.commands",
             "agents.*.commands",
-            "_INBOX.>",
+            "_INBOX.{name}.>",
             "$SRV.>",
         ),
         allow_responses=True,
@@ -231,7 +234,7 @@ ROLE_PERMISSIONS: dict[str, RoleRow] = {
     ),
     "worker": RoleRow(
         publish=("events.task.>",),
-        subscribe=("agents.*.tasks", "tasks.*.direct", "_INBOX.>", "$SRV.>"),
+        subscribe=("agents.*.tasks", "tasks.*.direct", "_INBOX.{name}.>", "$SRV.>"),
         allow_responses=True,
         # A task may run for hours; its result is the reply to the assignment.
         response_expires="24h",

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
 from natsfixtures import Clients, ErrorLog, FabricPki, make_pki
 
 from fabric.connect import ConnectError, connect, parse_urls, tls_context
@@ -146,3 +147,20 @@ async def test_reconnects_when_the_server_comes_back(tmp_path: Path) -> None:
     finally:
         await clients.aclose()
         await server.stop()
+
+
+async def test_replies_come_back_on_the_identity_own_inboxes(connect_as: Clients) -> None:
+    viewer = await connect_as("view-1")
+    assert viewer.new_inbox().startswith("_INBOX.view-1.")
+    # A request through the server: the reply lands on that inbox, which the
+    # viewer may read while others' inboxes stay closed to it.
+    ctl = await connect_as("ctl-1")
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"pong")
+
+    await ctl.subscribe("fabric.discover", cb=answer)
+    await ctl.flush()
+    reply = await viewer.request("fabric.discover", b"ping", timeout=5)
+    assert reply.data == b"pong"
+    assert reply.subject.startswith("_INBOX.view-1.")

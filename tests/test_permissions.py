@@ -94,6 +94,16 @@ SUBSCRIBE_CASES: list[tuple[str, str, str, bool]] = [
     ("ctl-1", "nodes.*.heartbeat", "nodes.n1.heartbeat", True),
     ("ctl-1", "agents.*.status", "agents.x.status", True),
     ("ctl-1", "tasks.*.queue", "tasks.build.queue", True),
+    # Replies: each identity reads only its own inboxes.
+    ("view-1", "_INBOX.view-1.>", "_INBOX.view-1.abc", True),
+    ("view-1", "_INBOX.>", "_INBOX.op-1.abc", False),
+    ("view-1", "_INBOX.op-1.>", "_INBOX.op-1.abc", False),
+    ("work-1", "_INBOX.*.>", "_INBOX.op-1.abc", False),
+    ("work-1", "_INBOX.op-1.abc", "_INBOX.op-1.abc", False),
+    ("n1", "_INBOX.n2.>", "_INBOX.n2.abc", False),
+    ("op-1", "_INBOX.ctl-1.>", "_INBOX.ctl-1.abc", False),
+    ("ctl-1", "_INBOX.op-1.>", "_INBOX.op-1.abc", False),
+    ("ctl-1", "_INBOX.ctl-1.>", "_INBOX.ctl-1.abc", True),
 ]
 
 
