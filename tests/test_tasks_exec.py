@@ -10,6 +10,7 @@ file, so the test steps through them without sleeping.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import sys
@@ -325,17 +326,36 @@ async def stack(pki: FabricPki, tmp_path: Path) -> AsyncIterator[Stack]:
     rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
     fleet = Fleet(pki, server, tmp_path)
     ctl = await _controller(rig, pki, "ctl-1")
+    run = asyncio.create_task(ctl.run())
     try:
-        async with running(ctl) as run:
-            fleet.start("n1", zone="a")
-            fleet.start("n2", zone="b")
-            await until(lambda: _ready(ctl, "n1", "n2"), within=20)
-            yield Stack(rig, fleet, ctl, run)
-            await fleet.stop_all()
-    finally:
+        async with asyncio.timeout(10):
+            await ctl.started.wait()
+        fleet.start("n1", zone="a")
+        fleet.start("n2", zone="b")
+        await until(lambda: _ready(ctl, "n1", "n2"), within=20)
+        yield Stack(rig, fleet, ctl, run)
         await fleet.stop_all()
-        await rig.aclose()
-        await server.stop()
+    finally:
+        try:
+            await _stop(run)
+        finally:
+            await fleet.stop_all()
+            await rig.aclose()
+            await server.stop()
+
+
+async def _stop(run: asyncio.Task[None], within: float = 30.0) -> None:
+    """Cancel a controller's run; one that does not end in time fails the test
+    with the stacks of every task still alive (not a silent hang)."""
+    run.cancel()
+    done, _ = await asyncio.wait({run}, timeout=within)
+    if done:
+        return
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        print(task, file=stacks)
+        task.print_stack(file=stacks)
+    raise AssertionError(f"controller still running {within} s after cancel:\n{stacks.getvalue()}")
 
 
 async def _controller(rig: TaskRig, pki: FabricPki, name: str) -> Controller:
