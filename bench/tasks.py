@@ -3,7 +3,7 @@ JetStream and beside Celery with a Redis broker.
 
 Run from the repository root::
 
-    python bench/tasks.py [--quick] [--json]
+    python bench/tasks.py [--quick] [--json] [--skip-celery] [--untokened] [--profile DIR]
 
 One run measures, on this machine:
 
@@ -12,7 +12,8 @@ One run measures, on this machine:
   it; a deployment of 4 worker agents (this file run as ``tasks.py worker``,
   a :mod:`fabric.worker` with a handler that returns its payload), placed by
   the controller and spawned by the node agent. The bench submits tasks with
-  :class:`fabric.tasks.client.TaskClient` (256 submissions in flight) and
+  :class:`fabric.tasks.client.TaskClient` (256 submissions in flight, a
+  fresh submit token each, as ``fabric task submit`` does) and
   counts ``events.task.succeeded``: the dispatcher publishes that event after
   the result is stored in KV and before it acks the task. Throughput is
   tasks / (last event - first submission); the run then checks that stream
@@ -24,7 +25,7 @@ One run measures, on this machine:
   envelope, no record, no result, no dispatch hop.
 * **Celery** 5 with a Redis broker and result backend, from the bench's own
   venv ``bench/.venv-celery`` (created on first use: ``python -m venv`` and
-  ``pip install celery redis``), a Debian ``redis-server`` on a free loopback
+  ``pip install celery redis packaging``), a Debian ``redis-server`` on a free loopback
   port in a temporary directory (persistence off), ``celery worker -c 4``
   (prefork, default prefetch), the same echo task. The client (a script run
   by the venv's Python) submits with ``delay()`` from 8 threads (one thread
@@ -34,6 +35,12 @@ One run measures, on this machine:
   (the same rate for Celery), submit-to-result p50/p99 (fabric: call to
   ``submit`` -> ``events.task.succeeded`` arrives; Celery: call to
   ``delay`` -> the result's publish arrives).
+
+Each throughput run also reads the CPU time of every process involved and
+prints it per task (what other load on the machine moves least). ``--profile
+DIR`` records the controller, one worker and the bench with py-spy during the
+fabric throughput run; ``--untokened`` runs the fabric with tasks admitted
+without submit tokens, to show what checking them costs.
 
 Every process the run starts carries an environment marker; whatever is left
 at the end (even after Ctrl-C or an error) is killed by pid. ``--json``
@@ -454,7 +461,7 @@ async def run_fabric(
             ids = [(await tasks.submit(TASK_TYPE, {"i": i})).task.id for i in range(plan.warmup)]
             await done.wait_all(ids, within=120)
 
-            await run_raw(plan, res, fab, nc)
+            await run_raw(plan, res, fab)
 
             log(f"fabric: {plan.fabric_tasks} tasks, {IN_FLIGHT} submissions in flight")
             made = [new_task_id() for _ in range(plan.fabric_tasks)]
@@ -581,7 +588,7 @@ async def paced_fabric(tasks: Any, done: Succeeded, rate: float, n: int) -> list
 # --- raw JetStream --------------------------------------------------------------------
 
 
-async def run_raw(plan: Plan, res: Results, fab: FabricUp, _fabric_nc: Client) -> None:
+async def run_raw(plan: Plan, res: Results, fab: FabricUp) -> None:
     from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
     from fabric.env import find_fabric
