@@ -26,6 +26,9 @@ when there is none; an environment with names the shell cannot carry, or an
 argv[0] starting with ``-``, falls back to the fork with ``preexec_fn``.
 The executable is looked up before the spawn so that a missing one is
 still an OSError here (``cannot spawn``), not an exit 127 of the shell.
+One difference is left: a file the kernel refuses to exec (ENOEXEC: an
+executable text file without a ``#!`` line) is run by the shell as a shell
+script, as ``sh`` and ``execvp`` do, where a direct exec would fail.
 
 The caller must register the pid with the reaper before its next await and
 hand the Popen to :func:`mark_reaped` once the reaper has the status, so
