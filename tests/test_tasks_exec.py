@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,12 @@ from fabric.tasks.batch import (
     run_seconds,
 )
 from fabric.tasks.records import DeadTask, TaskState
-from fabric.tasks.stream import DEAD_STREAM
+from fabric.tasks.stream import DEAD_STREAM, TASKS_STREAM
 from schemas.agent import AgentState, AgentStatus, RestartPolicyKind, Transition
 from schemas.api import Deployment, DeploymentRecord, ReplicaPlacement
 from schemas.codec import decode
 from schemas.command import CommandResult, LogLinesResult, StatusAgent, TailLogs
+from schemas.common import utc_now
 from schemas.errors import ContractError, ErrorCode
 from schemas.ids import validate_id
 from schemas.node import NodeState
@@ -157,6 +159,7 @@ class FakeFleet:
         self.created: list[str] = []
         self.removed: list[str] = []
         self.looked: list[tuple[str, int]] = []
+        self.leader = True
         """Where the runner looked for its agent, in order."""
 
     def place(self, name: str, node_id: str | None, epoch: int = 1, reason: str = "") -> None:
@@ -166,6 +169,12 @@ class FakeFleet:
 
     def record(self, name: str) -> DeploymentRecord | None:
         return self.records.get(name)
+
+    def one_shots(self) -> list[DeploymentRecord]:
+        return list(self.records.values())
+
+    def leads(self) -> bool:
+        return self.leader
 
     async def create(self, deployment: Deployment, created_by: str) -> None:
         self.created.append(deployment.name)
@@ -291,6 +300,22 @@ async def test_runner_after_a_hand_back_waits_out_the_removal_then_runs() -> Non
     assert result.outcome is TaskOutcome.SUCCEEDED
 
 
+async def test_sweep_removes_only_one_shots_long_past_their_timeout() -> None:
+    fleet = FakeFleet()
+    now = utc_now()
+    await fleet.create(one_shot(TRUE, "exec-old-1", "old", now - timedelta(seconds=200)), "op")
+    await fleet.create(one_shot(TRUE, "exec-late-1", "late", now - timedelta(seconds=5)), "op")
+    await fleet.create(one_shot(TRUE, "exec-new-1", "new", now + timedelta(seconds=60)), "op")
+    runner = BatchRunner(fleet, ExecSettings(sweep_grace=120))
+    fleet.leader = False
+    assert await runner.sweep() == []  # only the leader sweeps
+    fleet.leader = True
+    assert await runner.sweep() == ["exec-old-1"]
+    assert sorted(fleet.records) == ["exec-late-1", "exec-new-1"]
+    labels = fleet.records["exec-new-1"].deployment.spec.labels
+    assert labels["fabric.exec/task"] == "new"
+
+
 async def test_runner_removes_a_leftover_of_the_previous_attempt_first() -> None:
     fleet = FakeFleet()
     await fleet.create(one_shot(parse_payload({"argv": ["true"]}), "exec-t1-1"), "op")
@@ -364,7 +389,9 @@ async def _controller(rig: TaskRig, pki: FabricPki, name: str) -> Controller:
     config = controller_config(pki, name, node_timeout=5.0)
     ctl = Controller(await rig.clients("ctl-1"), config)
     ctl.task_settings = fast_settings(ack_wait=3.0)  # type: ignore[attr-defined]
-    ctl.exec_settings = ExecSettings(place_wait=5.0, gone_wait=15.0)  # type: ignore[attr-defined]
+    ctl.exec_settings = ExecSettings(  # type: ignore[attr-defined]
+        place_wait=5.0, gone_wait=15.0, sweep_every=0.5, sweep_grace=1.0
+    )
     return ctl
 
 
@@ -532,6 +559,32 @@ async def test_a_controller_stopping_mid_exec_hands_the_same_one_shot_to_the_nex
         assert record.result["stdout"] == ["finished"] and record.agent_id == "exec-job-handover-1"
         assert [int(x) for x in _lines(pids)] == [pid]  # it ran once
         await until(lambda: "exec-job-handover-1" not in _deployed(second), within=15)
+
+
+async def test_an_unwatched_one_shot_is_removed_once_past_its_timeout(
+    stack: Stack, pki: FabricPki, tmp_path: Path
+) -> None:
+    """Its controller stops and its task's message is gone (no redelivery will
+    bring a dispatcher back): the next leader's sweep still stops it."""
+    rig = stack.rig
+    tasks = await rig.tasks()
+    pids = tmp_path / "pids"
+    code = (
+        "import os, sys, time\nopen(sys.argv[1], 'a').write(f'{os.getpid()}\\n')\ntime.sleep(600)\n"
+    )
+    payload = {"argv": [PY, "-c", code, str(pids)], "timeout": 2}
+    await tasks.submit("exec", payload, task_id="job-orphan")
+    await until(lambda: len(_lines(pids)) == 1, within=30)
+    pid = int(_lines(pids)[0])
+    stack.run.cancel()
+    await asyncio.gather(stack.run, return_exceptions=True)
+    await tasks.nc.jetstream().purge_stream(TASKS_STREAM)
+
+    second = await _controller(rig, pki, "ctl-2")
+    async with running(second):
+        await until(lambda: not psutil.pid_exists(pid), within=30)
+        await until(lambda: "exec-job-orphan-1" not in _deployed(second), within=15)
+    assert _lines(pids) == [str(pid)]
 
 
 async def test_cli_submit_exec_wait(stack: Stack) -> None:

@@ -27,6 +27,9 @@ No run twice at once, no run forever:
   payload's ``timeout``, counted from the attempt's start in the task record:
   the next dispatcher stops it once that has passed, and the task's
   redelivery (ack wait) guarantees a next dispatcher.
+* One no dispatcher will ever watch again (its task's message deleted, its
+  redeliveries spent) is removed by the leader's sweep once it is
+  ``sweep_grace`` past its timeout (the spec's ``fabric.exec/expires`` label).
 * A one-shot whose node is lost would be re-placed by the leader (as any
   agent): seen moved, it is removed and the attempt counts as lost; its first
   copy stopped itself already (``on_partition: stop``).
@@ -114,8 +117,19 @@ def exec_agent_id(task_id: str, attempt: int, retry: int = 0) -> str:
     return f"exec-{digest}-{run}"
 
 
-def one_shot(payload: ExecPayload, agent_id: str) -> Deployment:
+TASK_LABEL = "fabric.exec/task"
+EXPIRES_LABEL = "fabric.exec/expires"
+"""Labels of a one-shot's spec: its task, and when its attempt's timeout ends
+(what :meth:`BatchRunner.sweep` reads when no dispatcher watches it)."""
+
+
+def one_shot(
+    payload: ExecPayload, agent_id: str, task_id: str = "", expires: datetime | None = None
+) -> Deployment:
     """The deployment that runs ``payload`` once on a node matching its constraints."""
+    labels = {TASK_LABEL: task_id} if task_id else {}
+    if expires is not None:
+        labels[EXPIRES_LABEL] = expires.isoformat()
     spec = AgentSpec(
         name=agent_id,
         argv=list(payload.argv),
@@ -128,12 +142,25 @@ def one_shot(payload: ExecPayload, agent_id: str) -> Deployment:
         # A node cut off from NATS stops it itself, so the copy the leader
         # places elsewhere never runs beside it.
         on_partition="stop",
+        labels=labels,
     )
     constraints = Constraints(
         labels=dict(payload.constraints.labels),
         capabilities=list(payload.constraints.capabilities),
     )
     return Deployment(spec=spec, replicas=1, constraints=constraints)
+
+
+def overdue(record: DeploymentRecord, now: datetime, grace: float) -> bool:
+    """Whether ``record`` is a one-shot past its timeout by more than ``grace`` seconds."""
+    stamp = record.deployment.spec.labels.get(EXPIRES_LABEL)
+    if stamp is None or record.deleting:
+        return False
+    try:
+        expires = datetime.fromisoformat(stamp)
+    except ValueError:
+        return False
+    return now > expires + timedelta(seconds=grace)
 
 
 def clip_tail(lines: Sequence[str], budget: int = _TAIL_BYTES) -> list[str]:
@@ -186,6 +213,8 @@ class ExecFleet(Protocol):
     """The controller's parts a batch run uses (a fake in unit tests)."""
 
     def record(self, name: str) -> DeploymentRecord | None: ...
+    def one_shots(self) -> list[DeploymentRecord]: ...
+    def leads(self) -> bool: ...
     async def create(self, deployment: Deployment, created_by: str) -> None: ...
     async def remove(self, name: str) -> None: ...
     def observed(self, agent_id: str, node_id: str, epoch: int) -> AgentState | None: ...
@@ -211,6 +240,17 @@ class ControllerFleet:
         mirror = self.c.deployments
         found = mirror.items.get(name) if mirror is not None else None
         return None if found is None else found[0]
+
+    def one_shots(self) -> list[DeploymentRecord]:
+        mirror = self.c.deployments
+        if mirror is None:
+            return []
+        items = list(mirror.items.values())
+        return [r for r, _ in items if EXPIRES_LABEL in r.deployment.spec.labels]
+
+    def leads(self) -> bool:
+        lease = self.c.lease
+        return lease is not None and lease.valid()
 
     async def create(self, deployment: Deployment, created_by: str) -> None:
         def change(current: DeploymentRecord | None) -> DeploymentRecord | None:
@@ -283,6 +323,11 @@ class ExecSettings:
     gone_wait: float = 30.0
     """How long to wait for a removed one-shot to stop before the next attempt."""
     command_tries: int = 3
+    sweep_every: float = 10.0
+    sweep_grace: float = 120.0
+    """A one-shot still there this long after its timeout has no dispatcher
+    watching it (its task's message was deleted, or never comes back): the
+    leader removes it."""
 
 
 @dataclass(slots=True)
@@ -370,7 +415,8 @@ class BatchRunner:
             # gone: it may have run. Count the attempt; never guess it did not.
             return _Outcome("failed", f"one-shot {agent_id} vanished while its attempt ran")
         if record is None:
-            await fleet.create(one_shot(payload, agent_id), task.submitted_by or "exec")
+            deployment = one_shot(payload, agent_id, task.id, expires)
+            await fleet.create(deployment, task.submitted_by or "exec")
         loop = asyncio.get_running_loop()
         place_until = loop.time() + settings.place_wait
         node_id: str | None = None
@@ -407,6 +453,28 @@ class BatchRunner:
                 if utc_now() > expires:
                     return await self._time_out(agent_id, node_id, payload, run_limit)
             await asyncio.sleep(settings.poll)  # wait-ok: a look at in-memory state
+
+    async def sweep(self) -> list[str]:
+        """Remove one-shots past their timeout by ``sweep_grace`` (leader only):
+        the safety net for one no dispatcher watches any more. Returns their names."""
+        if not self.fleet.leads():
+            return []
+        now = utc_now()
+        stale = [
+            r.name for r in self.fleet.one_shots() if overdue(r, now, self.settings.sweep_grace)
+        ]
+        for name in stale:
+            log.warning("one-shot %s outlived its timeout unwatched: removing it", name)
+            await self._remove(name)
+        return stale
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_every)  # wait-ok: a periodic pass
+            try:
+                await self.sweep()
+            except (ContractError, nats.errors.Error, TimeoutError) as exc:
+                log.info("one-shot sweep: %s", exc)
 
     async def _finish(self, agent_id: str, node_id: str, payload: ExecPayload) -> _Outcome:
         try:

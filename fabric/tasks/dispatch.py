@@ -284,8 +284,13 @@ class Dispatcher:
         )
         try:
             async with asyncio.TaskGroup() as tg:
+                sweeper = None
+                if self.batch is not None:
+                    sweeper = tg.create_task(self.batch.sweep_forever())
                 self.ready.set()
                 await self._fetch_loop(psub, tg)
+                if sweeper is not None:
+                    sweeper.cancel()  # the connection closed: nothing to sweep with
         finally:
             for sub in (psub, progress, given_up):
                 with contextlib.suppress(Exception):
