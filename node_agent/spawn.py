@@ -51,6 +51,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from fabric.spec_policy import RESERVED_ENV_PREFIX
 from node_agent.limits import RLimit
 from node_agent.reaper import ExitInfo, same_process
 from schemas.agent import AgentSpec
@@ -73,8 +74,15 @@ def build_argv(spec: AgentSpec) -> list[str]:
 
 
 def build_env(spec: AgentSpec, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """spec.env over the node agent's environment (unless clean_env), then extra_env."""
-    env: dict[str, str] = {} if spec.clean_env else dict(os.environ)
+    """spec.env over the node agent's environment (unless clean_env), then extra_env.
+
+    The node's own ``FABRIC_*`` settings are never inherited: they name the
+    node's certificate and key, and an agent holding them could speak as the
+    node. What an agent may know of the fabric comes in ``extra_env`` only.
+    """
+    env: dict[str, str] = {}
+    if not spec.clean_env:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(RESERVED_ENV_PREFIX)}
     env.update(spec.env)
     if extra_env:
         env.update(extra_env)

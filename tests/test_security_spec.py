@@ -136,6 +136,17 @@ def test_the_fabric_variables_win_at_spawn_as_well() -> None:
     assert (env["FABRIC_AGENT_ID"], env["OTHER"]) == ("a", "kept")
 
 
+def test_the_node_own_fabric_settings_are_not_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The node's certificate and key paths reach it through FABRIC_* env: an
+    # agent that inherited them could connect as the node.
+    monkeypatch.setenv("FABRIC_CERT", "/etc/fabric/node-1.crt")
+    monkeypatch.setenv("FABRIC_KEY", "/etc/fabric/node-1.key")
+    monkeypatch.setenv("HOME_OF_TEST", "kept")
+    env = build_env(AgentSpec(name="a", argv=["true"]), {"FABRIC_AGENT_ID": "a"})
+    assert "FABRIC_CERT" not in env and "FABRIC_KEY" not in env
+    assert (env["FABRIC_AGENT_ID"], env["HOME_OF_TEST"]) == ("a", "kept")
+
+
 # --- a live node -------------------------------------------------------------------
 
 
