@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -32,6 +33,7 @@ from fabric.controller.service import Controller
 from fabric.nats_server import NatsServer
 from fabric.tasks.batch import (
     BatchRunner,
+    ControllerFleet,
     ExecSettings,
     clip_tail,
     describe_end,
@@ -176,6 +178,9 @@ class FakeFleet:
     def leads(self) -> bool:
         return self.leader
 
+    def forget_gone(self) -> int:
+        return 0
+
     async def create(self, deployment: Deployment, created_by: str) -> None:
         self.created.append(deployment.name)
         self.records[deployment.name] = DeploymentRecord(deployment=deployment)
@@ -314,6 +319,17 @@ async def test_sweep_removes_only_one_shots_long_past_their_timeout() -> None:
     assert sorted(fleet.records) == ["exec-late-1", "exec-new-1"]
     labels = fleet.records["exec-new-1"].deployment.spec.labels
     assert labels["fabric.exec/task"] == "new"
+
+
+def test_controller_fleet_forgets_statuses_of_gone_one_shots() -> None:
+    status = _status(AgentState.EXITED, exit_code=0)
+    kept = DeploymentRecord(deployment=one_shot(TRUE, "exec-b-1"))
+    controller = SimpleNamespace(
+        deployments=SimpleNamespace(items={"exec-b-1": (kept, 1)}),
+        statuses={"exec-a-1": {"n1": status}, "exec-b-1": {"n1": status}, "web": {"n1": status}},
+    )
+    assert ControllerFleet(controller).forget_gone() == 1
+    assert sorted(controller.statuses) == ["exec-b-1", "web"]  # others' agents untouched
 
 
 async def test_runner_removes_a_leftover_of_the_previous_attempt_first() -> None:

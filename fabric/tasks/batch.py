@@ -215,6 +215,7 @@ class ExecFleet(Protocol):
     def record(self, name: str) -> DeploymentRecord | None: ...
     def one_shots(self) -> list[DeploymentRecord]: ...
     def leads(self) -> bool: ...
+    def forget_gone(self) -> int: ...
     async def create(self, deployment: Deployment, created_by: str) -> None: ...
     async def remove(self, name: str) -> None: ...
     def observed(self, agent_id: str, node_id: str, epoch: int) -> AgentState | None: ...
@@ -251,6 +252,22 @@ class ControllerFleet:
     def leads(self) -> bool:
         lease = self.c.lease
         return lease is not None and lease.valid()
+
+    def forget_gone(self) -> int:
+        """Drop the last statuses of one-shots whose deployment is gone: every
+        exec task has a name of its own, so the controller's status map would
+        otherwise grow with each one."""
+        mirror = self.c.deployments
+        if mirror is None:
+            return 0
+        gone = [
+            agent_id
+            for agent_id in self.c.statuses
+            if agent_id.startswith("exec-") and agent_id not in mirror.items
+        ]
+        for agent_id in gone:
+            del self.c.statuses[agent_id]
+        return len(gone)
 
     async def create(self, deployment: Deployment, created_by: str) -> None:
         def change(current: DeploymentRecord | None) -> DeploymentRecord | None:
@@ -471,6 +488,7 @@ class BatchRunner:
     async def sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_every)  # wait-ok: a periodic pass
+            self.fleet.forget_gone()  # every controller: its own memory
             try:
                 await self.sweep()
             except (ContractError, nats.errors.Error, TimeoutError) as exc:
