@@ -22,7 +22,7 @@ from workers.rig import TaskRig, fast_settings
 
 from fabric.controller.service import Controller
 from fabric.nats_server import NatsServer
-from fabric.tasks.admission import Admission, attach
+from fabric.tasks.admission import Admission, attach, scopes_for
 from fabric.tasks.client import TaskClient, make_task
 from fabric.tasks.records import TaskState
 from fabric.tokens import TokenIssuer
@@ -222,6 +222,25 @@ def test_without_require_an_untokened_task_passes_but_a_bad_token_does_not(
     with pytest.raises(ContractError) as refused:
         admission.check(scoped, stored_at=time.time())
     assert refused.value.code is ErrorCode.TOKEN_SCOPE
+
+
+def test_an_exec_task_needs_the_right_to_run_commands(pki: FabricPki) -> None:
+    # exec starts a process on a node: queueing work is not enough for that.
+    admission = Admission.from_files(pki.dir / "signing.pub")
+    mint = issuer(pki)
+    submit_only, _ = make_task(
+        "exec", {"argv": ["true"]}, task_id="x1", token=mint.mint("op-1", ["tasks:submit"])
+    )
+    with pytest.raises(ContractError) as refused:
+        admission.check(submit_only, stored_at=time.time())
+    assert refused.value.code is ErrorCode.TOKEN_SCOPE
+    assert "agents:run" in refused.value.message
+    both, _ = make_task(
+        "exec", {"argv": ["true"]}, task_id="x2", token=mint.mint("op-1", list(scopes_for("exec")))
+    )
+    assert admission.check(both, stored_at=time.time()).submitted_by == "op-1"
+    # Other types still need only the submit scope.
+    assert scopes_for("summarize") == ("tasks:submit",)
 
 
 # --- the CLI ---------------------------------------------------------------------------

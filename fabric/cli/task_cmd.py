@@ -33,6 +33,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,12 @@ import nats.errors
 from fabric.cli import CommandFailed, UsageError
 from fabric.cli.output import age, human_duration, print_json, print_table
 from fabric.client import FabricClient, FabricError, add_client_options, run_cli
-from fabric.tasks.admission import SUBMIT_SCOPE
+from fabric.tasks.admission import SUBMIT_SCOPE, scopes_for
 from fabric.tasks.backlog import queue_backlog
 from fabric.tasks.client import DeadLetter, TaskClient
 from fabric.tasks.records import TaskRecord, TaskState
 from schemas.errors import ContractError, ErrorCode
+from schemas.task import EXEC_TASK_TYPE
 
 __all__ = ["register"]
 
@@ -143,14 +145,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     retry.set_defaults(handler=_retry)
 
 
-def task_client(client: FabricClient) -> TaskClient:
-    """A task client whose submissions carry a fresh submit token each (when the
-    settings name a token key; without one, the controller decides)."""
+def task_client(client: FabricClient, scopes: Sequence[str] = (SUBMIT_SCOPE,)) -> TaskClient:
+    """A task client whose submissions carry a fresh token with ``scopes`` each
+    (when the settings name a token key; without one, the controller decides)."""
     mint = None
     if client.env.token_key is not None:
 
         def mint() -> str:
-            return client.mint([SUBMIT_SCOPE])
+            return client.mint(list(scopes))
 
     return TaskClient(client.nc, submitted_by=client.subject, token=mint)
 
@@ -185,7 +187,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 async def _submit_async(client: FabricClient, args: argparse.Namespace, payload: Any) -> int:
-    tasks = task_client(client)
+    tasks = task_client(client, scopes_for(args.type))
     try:
         submitted = await tasks.submit(
             args.type,
@@ -420,7 +422,8 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 async def _retry_async(client: FabricClient, args: argparse.Namespace) -> int:
-    tasks = task_client(client)
+    # The dead task's type is read by the retry itself: its token must do for any.
+    tasks = task_client(client, scopes_for(EXEC_TASK_TYPE))
     try:
         submitted = await tasks.retry(args.id)
     except ContractError as exc:

@@ -16,7 +16,8 @@ or None when the task was refused. A refused task:
 Codes, in the verifier's order (:mod:`fabric.tokens`): ``token_missing``
 (none, while the controller requires one), ``token_invalid``,
 ``token_expired``, ``token_not_yet_valid``, ``token_wrong_audience``,
-``token_scope`` (no ``tasks:submit``), ``token_wrong_target`` (a token bound
+``token_scope`` (no ``tasks:submit``; an ``exec`` task also needs
+``agents:run``, as ``fabric run`` does), ``token_wrong_target`` (a token bound
 to one agent or node), ``token_replayed`` (the token already admitted
 another task); a retry of a task that is not dead: ``invalid_state``.
 
@@ -65,13 +66,14 @@ from fabric.audit import Refusal
 from fabric.tasks.records import RecordStore, TaskState, encode_record, refused, revived
 from fabric.tokens import DEFAULT_LEEWAY, Claims, TokenVerifier
 from schemas.errors import ContractError, ErrorCode
-from schemas.task import Task
+from schemas.task import EXEC_TASK_TYPE, Task
 
-__all__ = ["SUBMIT_SCOPE", "Admission", "admit", "attach", "attached"]
+__all__ = ["RUN_SCOPE", "SUBMIT_SCOPE", "Admission", "admit", "attach", "attached", "scopes_for"]
 
 log = logging.getLogger(__name__)
 
 SUBMIT_SCOPE = "tasks:submit"
+RUN_SCOPE = "agents:run"
 _REMEMBER = 100_000
 _MAX_SUBMITTER = 256  # TaskRecord.submitted_by is ShortText
 # The attribute a controller's admission rides on, on the dispatcher it runs
@@ -142,6 +144,14 @@ class Admission:
             return task
         self._verifier.at = stored_at
         claims = self._verifier.verify(task.token, scope=SUBMIT_SCOPE)
+        missing = [scope for scope in scopes_for(task.type) if scope not in claims.scopes]
+        if missing:
+            # An exec task starts a command on a node: it needs what `fabric
+            # run` needs, not only the right to queue work for agents.
+            raise ContractError(
+                ErrorCode.TOKEN_SCOPE,
+                f"a {task.type!r} task needs a token granting {', '.join(missing)} as well",
+            )
         bound = self._bound.get(claims.jti)
         if bound is not None and bound != task.id:
             raise ContractError(
@@ -152,6 +162,13 @@ class Admission:
             if len(self._bound) > self._remember:
                 self._bound.popitem(last=False)
         return msgspec.structs.replace(task, submitted_by=claims.sub[:_MAX_SUBMITTER], token=None)
+
+
+def scopes_for(task_type: str) -> tuple[str, ...]:
+    """The scopes a submit token needs for a task of ``task_type``."""
+    if task_type == EXEC_TASK_TYPE:
+        return (SUBMIT_SCOPE, RUN_SCOPE)
+    return (SUBMIT_SCOPE,)
 
 
 def attach(dispatcher: Any, admission: Admission) -> None:
