@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from natsfixtures import FabricPki, run_sync
-from taskchaos import ChaosRig, ClusterLoad, ServerLoss, leader_kill
+from taskchaos import ChaosRig, ClusterLoad, ServerLoss, leader_kill, stored_events
 
 from fabric.nats_server import NatsCluster, NatsServer, free_port
 from fabric.tasks.stream import RECORDS_BUCKET, TASKS_STREAM
@@ -142,3 +142,9 @@ async def test_kill_9_of_a_nats_server_under_load_loses_no_acknowledged_task(
             await second.start()
     # No effect of a task nobody submitted (one not acked may still have run).
     assert load.strays() == set()
+    # Every acknowledged task's final event is in EVENTS too: the dispatcher
+    # waits for it to be stored before the ack, across every server loss.
+    events = await stored_events(await clustered.admin(), "events.task.succeeded")
+    assert load.submitter is not None
+    without_event = [i for i in load.submitter.acked if not events[i]]
+    assert without_event == [], f"{len(without_event)} acknowledged tasks have no stored event"

@@ -19,6 +19,12 @@ next dispatcher finds a final record (ack without running it again) or
 runs it once more (at least once). The decision of which agent is the pure
 :func:`choose_agent`; this module's class only moves messages.
 
+Events: a task's final event (``task.succeeded``, ``task.dead``) is stored
+in EVENTS, confirmed by JetStream, before the task's ack or term; when it
+cannot be (a server lost, a stream leader being elected) the task goes back
+and its redelivery, finding the final record, publishes the event again
+under the same ``Nats-Msg-Id``. So no acknowledged task lacks its event.
+
 Priority (``Task.priority``, 0..9, higher first): JetStream delivers in
 stream order, so priority orders what one dispatcher holds. A fetched batch
 is started best first, and tasks waiting here for a slot (their type's
@@ -51,10 +57,12 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from fabric.connect import js_publish
+from fabric.controller.streams import EVENTS_STREAM
 from fabric.tasks.admission import admit
 from fabric.tasks.agents import (
     AgentView,
@@ -138,6 +146,8 @@ class DispatchSettings:
     """Messages asked for per fetch."""
     max_inflight: int = 512
     """Messages one dispatcher holds at once (waiting for a slot or running)."""
+    event_timeout: float = 5.0
+    """How long a task's event may take to be stored before the task goes back."""
     agent_limit: int = 32
     """Tasks one agent runs at once, from this dispatcher."""
     type_limit: int = 512
@@ -185,6 +195,10 @@ class _Back:
 
 _ONE_SHOT = Candidate("", None, frozenset({EXEC_TASK_TYPE}))
 """What :meth:`Dispatcher._place` returns for an ``exec`` task: run it here."""
+
+
+class EventNotStored(Exception):
+    """JetStream did not confirm a task's final event: the task must go back."""
 
 
 class _ProgressEvent(msgspec.Struct):
@@ -242,6 +256,7 @@ class Dispatcher:
         self._held = 0
         self._changed = asyncio.Condition()
         self._shunned: dict[str, float] = {}
+        self._events_stream = False
         self.slots = SlotQueue()
         """Tasks held here waiting for a slot, best first per type."""
         self._arrivals = 0
@@ -275,6 +290,7 @@ class Dispatcher:
     async def run(self) -> None:
         kv = await self._ensure_state()
         self.store = RecordStore(kv)
+        self._events_stream = await self._has_events_stream()
         psub = await self.js.pull_subscribe_bind(
             durable=DISPATCH_CONSUMER, stream=TASKS_STREAM, pending_msgs_limit=0
         )
@@ -295,6 +311,17 @@ class Dispatcher:
             for sub in (psub, progress, given_up):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _has_events_stream(self) -> bool:
+        """True when EVENTS exists (a controller made it before starting us)."""
+        try:
+            await self.js.stream_info(EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, TimeoutError):
+            # Unknown: assume it is there, so events are waited for, not dropped.
+            return True
+        return True
 
     async def _ensure_state(self) -> Any:
         delay = 0.2
@@ -714,7 +741,7 @@ class Dispatcher:
         if stored.record.attempts >= stored.record.max_attempts:
             await self._dead(msg, task, stored, error)
             return
-        await self._event("task.failed", stored.record)
+        await self._event("task.failed", stored.record, must_store=False)
         self.counts["failed"] += 1
         settings = self.settings
         delay = retry_delay(stored.record.attempts, settings.retry_base, settings.retry_cap)
@@ -725,7 +752,9 @@ class Dispatcher:
         await self._bury(task, stored, error)
         await msg.term()
 
-    async def _bury(self, task: Task, stored: Stored, error: str) -> None:
+    async def _bury(
+        self, task: Task, stored: Stored, error: str, *, must_store: bool = True
+    ) -> None:
         """Copy to ``tasks.<type>.dead`` (deduplicated by task id), then record it dead."""
         store = self.store
         assert store is not None
@@ -744,7 +773,7 @@ class Dispatcher:
         )
         stored = await store.save(stored, lambda r: went_dead(r, error))
         if stored.applied:
-            await self._event("task.dead", stored.record)
+            await self._event("task.dead", stored.record, must_store=must_store)
             self.counts["dead"] += 1
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
@@ -760,7 +789,7 @@ class Dispatcher:
             stored, _ = await store.claim(task, self.name)
             if not stored.record.final:
                 why = f"delivered {advisory.deliveries} times without finishing (max_deliver)"
-                await self._bury(task, stored, why)
+                await self._bury(task, stored, why, must_store=False)
             await self.js.delete_msg(TASKS_STREAM, advisory.stream_seq)
         except (msgspec.DecodeError, ContractError) as exc:
             log.warning("max-deliveries advisory not handled: %s", exc)
@@ -786,13 +815,19 @@ class Dispatcher:
         with contextlib.suppress(nats.errors.Error):
             await run.msg.in_progress()
 
-    async def _event(self, kind: str, record: TaskRecord) -> None:
-        """Core publish into EVENTS, before the message's ack on the same connection.
+    async def _event(self, kind: str, record: TaskRecord, *, must_store: bool = True) -> None:
+        """Publish the task's event into EVENTS and wait for JetStream to store it.
+
+        Called before the task's ack or term: a final event (``task.succeeded``,
+        ``task.dead``) that could not be stored raises, so the message goes back
+        and its redelivery, finding the final record, publishes it again. An
+        acknowledged task therefore always has its event stored, also across the
+        loss of a NATS server. ``must_store=False`` (an attempt's
+        ``task.failed``, the max-deliveries path) only counts a failure.
 
         The event id is fixed per task and outcome (per attempt for
-        ``task.failed``), so the redelivery of a task whose dispatcher died
-        between its record and its ack publishes the same event again and
-        EVENTS keeps one (listeners on the subject may see it twice).
+        ``task.failed``) and doubles as ``Nats-Msg-Id``, so publishing it again
+        stores it once (listeners on the subject may see it twice).
         """
         data: dict[str, Any] = {
             "task_id": record.id,
@@ -814,10 +849,21 @@ class Dispatcher:
             event_id += f".{record.attempts}"
         event = msgspec.structs.replace(event, id=event_id)
         headers = {"Nats-Msg-Id": event_id}
+        subject, payload = subjects.event(kind), encode(event)
+        if not self._events_stream:
+            # No EVENTS stream (a bare dispatcher): nothing would store it anyway.
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(subject, payload, headers=headers)
+            return
         try:
-            await self.nc.publish(subjects.event(kind), encode(event), headers=headers)
-        except nats.errors.Error as exc:
-            log.debug("event %s not published: %s", event_id, exc)
+            await self.js.publish(
+                subject, payload, timeout=self.settings.event_timeout, headers=headers
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            self.counts["events_not_stored"] += 1
+            if must_store:
+                raise EventNotStored(f"event {event_id} not stored: {exc!r}") from exc
+            log.info("event %s not stored: %r", event_id, exc)
 
 
 def _on_node(node_id: str) -> Callable[[TaskRecord], TaskRecord]:
