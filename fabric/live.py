@@ -41,6 +41,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from fabric.cli import CommandFailed
 from fabric.client import FabricClient
+from fabric.controller.streams import EVENTS_STREAM
 from schemas import subjects
 from schemas.agent import AgentState, AgentStatus
 from schemas.codec import decode, encode
@@ -53,7 +54,6 @@ __all__ = ["Change", "FleetView", "NodeLive", "follow"]
 
 log = logging.getLogger(__name__)
 
-EVENTS_STREAM = "EVENTS"
 KEEP_EVENTS = 50
 SILENT_AFTER = 5.0
 """Seconds without a heartbeat after which a node is shown as silent."""

@@ -26,13 +26,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from fabric.cli import CommandFailed, UsageError
 from fabric.client import FabricClient, add_client_options, run_cli
+from fabric.controller.streams import EVENTS_STREAM
 from schemas.codec import decode
 from schemas.errors import ContractError
 from schemas.event import CloudEvent
 
 __all__ = ["matches", "parse_since", "register"]
 
-EVENTS_STREAM = "EVENTS"  # the controller's stream (fabric.controller.streams)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _IDLE = 0.5  # seconds without a message before asking the server what is left
