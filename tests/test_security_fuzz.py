@@ -17,7 +17,7 @@ ErrorReply with a contract code other than ``internal``, or the subject's
 valid result. After the barrage: the service still answers a valid request,
 and nothing changed (the node's agents, the controller's deployments).
 
-``FABRIC_FUZZ_EXAMPLES`` sets the cases per subject (default 300 in CI);
+``FABRIC_FUZZ_EXAMPLES`` sets the cases per subject (default 2,000 in CI);
 ``bench/chaos/fuzz.py`` runs the same engine with many more and prints a table.
 """
 
@@ -58,7 +58,7 @@ from schemas.node import RegisterReply, RegisterRequest
 
 __all__ = ["Tally", "Target", "Tokens", "controller_targets", "fuzz", "node_targets"]
 
-EXAMPLES = int(os.environ.get("FABRIC_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("FABRIC_FUZZ_EXAMPLES", "2000"))
 
 # --- values an attacker would send ------------------------------------------------
 
@@ -437,6 +437,8 @@ async def _call(nc: Client, subject: str, message: Any) -> Any:
     return msg.data
 
 
+# Thousands of cases per subject: slower than the suite's per-test bound.
+@pytest.mark.timeout(900)
 async def test_fuzzing_the_node_agent_crashes_nothing_and_changes_nothing(
     node: NodeAgent, connect_as: Clients, issuer: TokenIssuer, pki: FabricPki
 ) -> None:
@@ -492,6 +494,8 @@ async def controller(pki: FabricPki, connect_as: Clients) -> AsyncIterator[Contr
         yield ctl
 
 
+# Thousands of cases per subject: slower than the suite's per-test bound.
+@pytest.mark.timeout(900)
 async def test_fuzzing_the_controller_crashes_nothing_and_changes_nothing(
     controller: Controller, connect_as: Clients, issuer: TokenIssuer, pki: FabricPki
 ) -> None:
