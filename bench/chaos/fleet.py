@@ -375,11 +375,14 @@ class BedFabric:
                 return t
         return None
 
-    def running_where(self, agent_id: str) -> str | None:
-        history = self.status[agent_id]
-        if history and history[-1][1].state is AgentState.RUNNING:
-            return history[-1][1].node_id
-        return None
+    def running_on(self, agent_id: str, node_id: str | None) -> bool:
+        """The last status of ``agent_id`` from ``node_id`` says RUNNING.
+
+        Per node: a stale copy's last word (stopped, from the healed host) may
+        arrive after its replacement's RUNNING.
+        """
+        mine = [s for _, s in self.status[agent_id] if s.node_id == node_id]
+        return bool(mine) and mine[-1].state is AgentState.RUNNING
 
     async def deploy(self, name: str, replicas: int, **spec: Any) -> dict[str, str]:
         body = {"spec": {"name": name, "argv": self.sampler.sleeper, **spec}, "replicas": replicas}
@@ -388,7 +391,7 @@ class BedFabric:
         async def placed() -> dict[str, str] | None:
             now = await where(self.op, self.iss, name)
             if len(now) == replicas and all(
-                n is not None and self.running_where(a) == n for a, n in now.items()
+                n is not None and self.running_on(a, n) for a, n in now.items()
             ):
                 return {a: str(n) for a, n in now.items()}
             return None
@@ -520,7 +523,12 @@ async def cut(args: argparse.Namespace, base: Path, sampler: Sampler) -> list[Ru
             await wait_ready(fab.op, set(fab.NODES), within=60)
             await asyncio.sleep(args.settle)  # watch for late duplicates
             now = await where(fab.op, fab.iss, keep) | await where(fab.op, fab.iss, solo)
-            run.lost += [a for a in placed if now.get(a) is None or fab.running_where(a) is None]
+            copies = sampler.sample()
+            run.lost += [
+                a
+                for a in placed
+                if not fab.running_on(a, now.get(a)) or len(copies.get(a, [])) != 1
+            ]
             keeps = {a for a in placed if a != solo}
             window = sampler.dup_instants(lambda a, k=keeps: a in k, since=healed)
             run.dup_after = sampler.dup_instants(lambda a, k=keeps: a in k, since=gone)
