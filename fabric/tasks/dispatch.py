@@ -539,26 +539,16 @@ class Dispatcher:
 
     async def _run(self, msg: Msg, task: Task, stored: Stored | None, agent: Candidate) -> None:
         """Record it running, send it, wait, settle; ``agent``'s slot is reserved."""
-        store = self.store
-        assert store is not None
 
         def start(record: TaskRecord) -> TaskRecord:
             return started(record, agent.agent_id, agent.node_id, self.name)
 
         run: _Run | None = None
         try:
-            if stored is None:
-                # First delivery: the record is created already running (one write).
-                stored, created = await store.claim(task, self.name, first=start)
-                if not created:
-                    if await self._finished(msg, task, stored):
-                        return
-                    stored = await store.save(stored, start)
-            else:
-                stored = await store.save(stored, start)
-            if stored.record.final:
-                await self._finished(msg, task, stored)
+            begun = await self._record_start(msg, task, stored, start)
+            if begun is None:
                 return
+            stored = begun
             attempt = stored.record.attempts + 1
             run = _Run(task, msg, agent.agent_id, attempt, asyncio.get_running_loop().time())
             self.runs[task.id] = run
@@ -580,6 +570,31 @@ class Dispatcher:
             await self._notify()
         await self._settle(msg, task, stored, outcome, run.attempt, agent)
 
+    async def _record_start(
+        self,
+        msg: Msg,
+        task: Task,
+        stored: Stored | None,
+        start: Callable[[TaskRecord], TaskRecord],
+    ) -> Stored | None:
+        """The record moved to running by ``start``, or None when the task turned
+        out settled already (acked, or dead-lettered) and must not run."""
+        store = self.store
+        assert store is not None
+        if stored is None:
+            # First delivery: the record is created already running (one write).
+            stored, created = await store.claim(task, self.name, first=start)
+            if not created:
+                if await self._finished(msg, task, stored):
+                    return None
+                stored = await store.save(stored, start)
+        else:
+            stored = await store.save(stored, start)
+        if stored.record.final:
+            await self._finished(msg, task, stored)
+            return None
+        return stored
+
     async def _run_exec(
         self, msg: Msg, task: Task, stored: Stored | None, command: ExecPayload
     ) -> None:
@@ -600,17 +615,10 @@ class Dispatcher:
             return started(record, agent_id, None, self.name)
 
         try:
-            if stored is None:
-                stored, created = await store.claim(task, self.name, first=start)
-                if not created:
-                    if await self._finished(msg, task, stored):
-                        return
-                    stored = await store.save(stored, start)
-            else:
-                stored = await store.save(stored, start)
-            if stored.record.final:
-                await self._finished(msg, task, stored)
+            begun = await self._record_start(msg, task, stored, start)
+            if begun is None:
                 return
+            stored = begun
             attempt = stored.record.attempts + 1
             limit = None
             if task.deadline is not None:
