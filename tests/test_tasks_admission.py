@@ -17,11 +17,10 @@ import pytest
 from agents.harness import until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetfixtures import controller_config, running
-from natsfixtures import Clients, FabricPki
-from workers.rig import TaskRig, fast_settings
+from natsfixtures import FabricPki
+from workers.rig import TaskRig, fast_settings, task_rig
 
 from fabric.controller.service import Controller
-from fabric.nats_server import NatsServer
 from fabric.tasks.admission import Admission, attach, scopes_for
 from fabric.tasks.client import TaskClient, make_task
 from fabric.tasks.records import TaskState
@@ -33,14 +32,8 @@ from schemas.task import TaskAssignment
 
 @pytest.fixture
 async def rig(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
-    server = NatsServer.local(pki.dir, tmp_path / "nats")
-    await server.start()
-    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
-    try:
+    async with task_rig(pki, tmp_path) as rig:
         yield rig
-    finally:
-        await rig.aclose()
-        await server.stop()
 
 
 @pytest.fixture

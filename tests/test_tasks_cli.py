@@ -11,25 +11,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from natsfixtures import Clients, FabricPki
-from workers.rig import TaskRig
+from natsfixtures import FabricPki
+from workers.rig import TaskRig, task_rig
 
-from fabric.nats_server import NatsServer
 from schemas.task import MAX_TASK_PAYLOAD_BYTES
 
 
 @pytest.fixture
 async def rig(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
-    server = NatsServer.local(pki.dir, tmp_path / "nats")
-    await server.start()
-    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
-    try:
+    async with task_rig(pki, tmp_path) as rig:
         await rig.dispatcher()
         await rig.worker("wa", "echo")
         yield rig
-    finally:
-        await rig.aclose()
-        await server.stop()
 
 
 async def fabric(rig: TaskRig, *args: str) -> tuple[int, str, str]:

@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from natsfixtures import Clients, FabricPki
-from workers.rig import TaskRig
+from natsfixtures import FabricPki
+from workers.rig import TaskRig, task_rig
 
-from fabric.nats_server import NatsServer
 from fabric.tasks.records import TaskState
 
 TASKS = 300
@@ -20,14 +19,8 @@ TASKS = 300
 
 @pytest.fixture
 async def rig(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
-    server = NatsServer.local(pki.dir, tmp_path / "nats")
-    await server.start()
-    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
-    try:
+    async with task_rig(pki, tmp_path) as rig:
         yield rig
-    finally:
-        await rig.aclose()
-        await server.stop()
 
 
 async def test_kill_9_of_a_dispatcher_under_load_loses_nothing(rig: TaskRig) -> None:

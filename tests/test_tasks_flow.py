@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from agents.harness import until
-from natsfixtures import Clients, FabricPki
-from workers.rig import TaskRig, fast_settings
+from natsfixtures import FabricPki
+from workers.rig import TaskRig, fast_settings, task_rig
 
-from fabric.nats_server import NatsServer
 from fabric.tasks.client import make_task
 from fabric.tasks.records import DeadTask, TaskState
 from fabric.tasks.stream import DEAD_STREAM, QueueSettings
@@ -26,14 +25,8 @@ from schemas.codec import decode
 @pytest.fixture
 async def rig(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
     # One server per test: each starts with an empty queue and no records.
-    server = NatsServer.local(pki.dir, tmp_path / "nats")
-    await server.start()
-    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
-    try:
+    async with task_rig(pki, tmp_path) as rig:
         yield rig
-    finally:
-        await rig.aclose()
-        await server.stop()
 
 
 async def test_submit_runs_and_stores_the_result(rig: TaskRig) -> None:

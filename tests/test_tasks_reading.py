@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from fleetfixtures import controller_config, running
-from natsfixtures import Clients, FabricPki
+from natsfixtures import FabricPki
 from test_tasks_cli import fabric
-from workers.rig import TaskRig, fast_settings
+from workers.rig import TaskRig, fast_settings, task_rig
 
 from fabric.controller.service import Controller
-from fabric.nats_server import NatsServer
 from fabric.tasks.client import TaskClient
 from fabric.tasks.records import TaskState
 from schemas import subjects
@@ -30,16 +29,10 @@ from schemas.discovery import DiscoverReply, DiscoverRequest, TaskBacklog
 
 @pytest.fixture
 async def rig(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
-    server = NatsServer.local(pki.dir, tmp_path / "nats")
-    await server.start()
-    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
-    try:
+    async with task_rig(pki, tmp_path) as rig:
         await rig.dispatcher()
         await rig.worker("wa", "echo")
         yield rig
-    finally:
-        await rig.aclose()
-        await server.stop()
 
 
 async def ls(rig: TaskRig, *args: str) -> list[dict[str, object]]:
@@ -237,14 +230,8 @@ async def top(rig: TaskRig, *, as_json: bool = True) -> tuple[int, str, str]:
 @pytest.fixture
 async def bare(pki: FabricPki, tmp_path: Path) -> AsyncIterator[TaskRig]:
     """A server and nothing else: no dispatcher, no worker."""
-    server = NatsServer.local(pki.dir, tmp_path / "nats")
-    await server.start()
-    rig = TaskRig(pki, server, tmp_path, Clients(pki, default_urls=server.url))
-    try:
+    async with task_rig(pki, tmp_path) as rig:
         yield rig
-    finally:
-        await rig.aclose()
-        await server.stop()
 
 
 async def test_pending_says_when_no_controller_has_taken_the_queue(bare: TaskRig) -> None:

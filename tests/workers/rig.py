@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,3 +214,17 @@ class Events:
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: bool(self.matching(cond)))
             return self.matching(cond)[0]
+
+
+@contextlib.asynccontextmanager
+async def task_rig(pki: FabricPki, base: Path) -> AsyncIterator[TaskRig]:
+    """A fresh nats-server under ``base`` (an empty queue, no records) and a rig
+    on it; the rig's processes, then the server, stopped on the way out."""
+    server = NatsServer.local(pki.dir, base / "nats")
+    await server.start()
+    rig = TaskRig(pki, server, base, Clients(pki, default_urls=server.url))
+    try:
+        yield rig
+    finally:
+        await rig.aclose()
+        await server.stop()
