@@ -64,8 +64,9 @@ from schemas.agent import (
 from schemas.command import ListAgents, PlaceAgent, RestartAgent, StatusAgent, StopAgent
 from schemas.errors import ErrorReply
 
-HEARTBEAT = 0.3
-# A heartbeat later than this is a stall (issue 8: "heartbeats on time").
+HEARTBEAT = 0.5  # the fabric's default interval
+# A heartbeat later than this is a stall (issue 8: "heartbeats on time"): three
+# intervals is the controller's default node_timeout, after which it is lost.
 MAX_GAP = 3 * HEARTBEAT
 # A status command slower than this is a node that stopped answering.
 MAX_REPLY = 1.0
