@@ -17,6 +17,7 @@ import pytest
 from agents.harness import until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetfixtures import controller_config, running
+from nats.aio.msg import Msg
 from natsfixtures import FabricPki
 from workers.rig import TaskRig, fast_settings, task_rig
 
@@ -24,6 +25,7 @@ from fabric.controller.service import Controller
 from fabric.tasks.admission import Admission, attach, scopes_for
 from fabric.tasks.client import TaskClient, make_task
 from fabric.tasks.records import TaskState
+from fabric.tasks.stream import QueueSettings
 from fabric.tokens import TokenIssuer
 from schemas.codec import decode
 from schemas.errors import ContractError, ErrorCode
@@ -180,6 +182,42 @@ async def test_an_admitted_task_runs_and_its_worker_never_sees_the_token(
     assert [(a.task.id, a.task.token, a.task.submitted_by) for a in assignments] == [
         (record.id, None, "bob")
     ]
+
+
+async def test_a_refused_id_sent_again_later_is_settled_without_a_task_event(
+    rig: TaskRig, pki: FabricPki
+) -> None:
+    # A short duplicate window, so the same id can be stored again within the test.
+    queue = QueueSettings(ack_wait=1.5, duplicate_window=0.3)
+    dispatcher = await rig.dispatcher(fast_settings(queue=queue))
+    attach(dispatcher, keys(pki))
+    op = await rig.clients("op-1")
+    events: list[str] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(msg.subject)
+
+    await op.subscribe("events.task.>", cb=on_event)
+    await op.flush()
+    untokened = TaskClient(op)
+    await untokened.submit("echo", {"n": 1}, task_id="r-1")
+    await until(lambda: dispatcher.counts["refused"] == 1, within=15)
+    seen = await rig.record_until(op, "r-1", lambda r: r.state is TaskState.REFUSED)
+    assert seen[-1].code is ErrorCode.TOKEN_MISSING
+
+    # Past the window the same id is stored again, this time with a good token:
+    # its record is final, so it is acked as settled (before the fix it was
+    # announced as a dead task).
+    tokened = TaskClient(op, token=lambda: issuer(pki).mint("op-1", ["tasks:submit"]))
+    async with asyncio.timeout(15):
+        # The window is time itself: nothing to wait on but the server's answer.
+        while (await tokened.submit("echo", {"n": 2}, task_id="r-1")).duplicate:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # wait-ok: polled under a deadline
+    await until(lambda: dispatcher.counts["duplicates"] >= 1, within=15)
+    await op.flush()
+    assert events == []
+    after = await untokened.get("r-1")
+    assert after is not None and after.state is TaskState.REFUSED
 
 
 def test_tokens_are_checked_as_of_when_the_task_was_stored(pki: FabricPki) -> None:

@@ -136,6 +136,7 @@ MAX_DELIVERIES_ADVISORY = (
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.{DISPATCH_CONSUMER}"
 )
 _MAX_REPLY = 2 * MAX_TASK_PAYLOAD_BYTES + 64 * 1024
+_FINAL_EVENTS = {TaskState.SUCCEEDED: "task.succeeded", TaskState.DEAD: "task.dead"}
 _MAX_PROGRESS = 64 * 1024
 
 
@@ -455,9 +456,11 @@ class Dispatcher:
         attempts or past its deadline (dead letter). False: it should run."""
         record = stored.record
         if record.final:
-            # Its dispatcher may have died before the event and the ack: say it again.
-            kind = "task.succeeded" if record.state is TaskState.SUCCEEDED else "task.dead"
-            await self._event(kind, record)
+            # Its dispatcher may have died before the event and the ack: say it
+            # again. A refused id has no task event (its refusal was audited).
+            kind = _FINAL_EVENTS.get(record.state)
+            if kind is not None:
+                await self._event(kind, record)
             self.counts["duplicates"] += 1
             await msg.ack()
             return True
