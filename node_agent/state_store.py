@@ -42,7 +42,7 @@ from pathlib import Path
 
 import msgspec
 
-from schemas.agent import AgentSpec
+from schemas.agent import AgentSpec, Transition
 from schemas.ids import is_valid_id
 
 __all__ = ["AgentRecord", "StateStore"]
@@ -60,6 +60,8 @@ class AgentRecord(msgspec.Struct, kw_only=True):
     desired_running: bool = True
     cgroup: str | None = None
     last_state: str = "pending"
+    history: list[Transition] = []
+    """The lifecycle's bounded history, so a restarted node agent reports it on."""
 
 
 log = logging.getLogger(__name__)

@@ -162,6 +162,9 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics_task: asyncio.Task[None] | None = None
         self._unsaved: set[str] = set()  # agents whose last state write failed
+        # Agents with moves since their record was last written: the metrics tick
+        # writes them (not durably), so a restarted node agent keeps the history.
+        self._history_unsaved: set[str] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -416,6 +419,11 @@ class Supervisor:
                 self._save(a, durable=True)
             else:
                 self._unsaved.discard(agent_id)
+        for agent_id in list(self._history_unsaved):
+            if (a := self._agents.get(agent_id)) is not None:
+                self._save(a)
+            else:
+                self._history_unsaved.discard(agent_id)
         await self._durable()
         # A burst of exits can overflow the loop's signal pipe and lose a
         # SIGCHLD; one reap pass per tick makes sure no exit goes unseen.
@@ -744,6 +752,11 @@ class Supervisor:
             self._cgroups.prune(set(records))
         for record in records.values():
             a = _Agent(record.spec, record.epoch, self._rng)
+            if record.history:
+                # Its past, as the previous node agent last wrote it; what
+                # happens now (re-adopted, respawned) is added on top.
+                a.lc.history.clear()
+                a.lc.history.extend(record.history)
             a.restarts = record.restarts
             a.manual_stop = record.manual_stop
             self._agents[a.id] = a
@@ -818,6 +831,7 @@ class Supervisor:
 
     def _move(self, a: _Agent, to: AgentState, reason: str) -> None:
         a.lc.transition(to, reason)
+        self._history_unsaved.add(a.id)
         if to not in LIVE:
             a.message = ""
         self._emit(a)
@@ -872,7 +886,9 @@ class Supervisor:
             desired_running=desired,
             cgroup=str(a.cgroup.path) if a.cgroup is not None else None,
             last_state=state.value,
+            history=list(a.lc.history),
         )
+        self._history_unsaved.discard(a.id)
         try:
             self._store.write(record, durable=durable)
         except OSError as exc:

@@ -86,6 +86,12 @@ async def test_kill_9_of_node_agent_then_readopt(tmp_path: Path) -> None:
         assert sorted(s.pid for s in statuses.values()) == sorted(pids)  # type: ignore[type-var]
         assert {s.state for s in statuses.values()} == {S.RUNNING}
         assert "agent.started" not in [k for k, _, _ in rec.events]
+        # The history the killed node agent recorded carries on: its first
+        # moves, then the re-adoption on top (not a fresh "accepted").
+        moves = [(t.to_state, t.reason) for t in statuses["a0"].history]
+        assert [to for to, _ in moves[:2]] == [S.PENDING, S.STARTING], moves
+        assert moves[-1] == (S.RUNNING, "re-adopted"), moves
+        assert len(moves) >= 3, moves
         # The exit of a re-adopted process is noticed and handled by its policy.
         victim = statuses["a0"]
         assert victim.pid is not None
