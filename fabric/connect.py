@@ -164,6 +164,26 @@ def inbox_prefix(cert: Path) -> str | None:
     return f"_INBOX.{name}"
 
 
+class _Client(Client):
+    """nats-py's client, with one repair: a PONG for a flush that timed out.
+
+    nats-py 2.16 keeps a timed-out flush's future (cancelled) in its queue of
+    PINGs awaiting a PONG. When the late PONG comes (a cut link that heals),
+    it set a result on that cancelled future: InvalidStateError ended the read
+    loop, and the client heard nothing until its pings declared it stale and
+    it reconnected, seconds later. PONGs answer PINGs in order, so that PONG
+    belongs to the cancelled one: it is taken off and nothing else resolved.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs and self._pongs[0].done():
+            self._pongs.pop(0)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
+
+
 async def _log_error(exc: Exception) -> None:
     log.warning("nats: %s: %s", type(exc).__name__, exc)
 
@@ -257,7 +277,7 @@ async def connect(
         if user_disconnected_cb is not None:
             await user_disconnected_cb()
 
-    nc = Client()
+    nc = _Client()
     try:
         # nats-py retries the first connect forever when reconnects are
         # unlimited; a bounded first attempt makes a wrong URL or a refused

@@ -6,9 +6,11 @@ import asyncio
 import time
 from pathlib import Path
 
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from natsfixtures import Clients, ErrorLog, FabricPki, make_pki
+from netproxy import CuttableProxy
 
 from fabric.connect import ConnectError, connect, parse_urls, tls_context
 from fabric.nats_server import NatsServer, free_port
@@ -164,3 +166,40 @@ async def test_replies_come_back_on_the_identity_own_inboxes(connect_as: Clients
     reply = await viewer.request("fabric.discover", b"ping", timeout=5)
     assert reply.data == b"pong"
     assert reply.subject.startswith("_INBOX.view-1.")
+
+
+async def test_a_flush_that_timed_out_during_a_cut_leaves_the_connection_working(
+    pki: FabricPki, nats_server: NatsServer, connect_as: Clients
+) -> None:
+    """nats-py leaves a timed-out flush's PING waiting for its PONG; when the link
+    heals, that late PONG met a cancelled future and ended the client's read loop,
+    so it heard nothing until its pings declared the connection stale (about 6 s,
+    then a reconnect). A node probing its contact with flush() hit exactly that."""
+    proxy = CuttableProxy("127.0.0.1", nats_server.settings.port)
+    await proxy.start()
+    viewer = await connect(
+        proxy.url, ca=pki.ca, cert=pki["view-1"].cert, key=pki["view-1"].key, ping_interval=30
+    )
+    try:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def collect(msg: Msg) -> None:
+            await got.put(msg.data)
+
+        await viewer.subscribe("nodes.n1.heartbeat", cb=collect)
+        await viewer.flush()
+        proxy.cut()
+        with pytest.raises(nats.errors.TimeoutError):
+            await viewer.flush(timeout=0.2)
+        proxy.heal()
+        # Its late PONG now comes through; then a message must still arrive on
+        # the same connection, with no reconnect in between.
+        await viewer.flush(timeout=5)
+        node = await connect_as("n1")
+        await node.publish("nodes.n1.heartbeat", b"beat")
+        await node.flush()
+        assert await asyncio.wait_for(got.get(), 5) == b"beat"
+        assert viewer.stats["reconnects"] == 0
+    finally:
+        await viewer.close()
+        await proxy.close()
