@@ -132,6 +132,7 @@ class _Agent:
         self.wake = asyncio.Event()  # cuts a backoff sleep short
         self.lock = asyncio.Lock()
         self.message = ""
+        self.forgotten = False  # being removed: its record must not be written again
 
     @property
     def id(self) -> str:
@@ -162,9 +163,6 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics_task: asyncio.Task[None] | None = None
         self._unsaved: set[str] = set()  # agents whose last state write failed
-        # Agents with moves since their record was last written: the metrics tick
-        # writes them (not durably), so a restarted node agent keeps the history.
-        self._history_unsaved: set[str] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -317,6 +315,7 @@ class Supervisor:
         async with self._hold(agent_id) as a:
             await self._stop(a, None, sync=False)  # one commit with the removal below
             final = self._status(a)
+            a.forgotten = True
             self._store.discard(agent_id)
             await self._durable()
             self._unsaved.discard(agent_id)
@@ -419,11 +418,6 @@ class Supervisor:
                 self._save(a, durable=True)
             else:
                 self._unsaved.discard(agent_id)
-        for agent_id in list(self._history_unsaved):
-            if (a := self._agents.get(agent_id)) is not None:
-                self._save(a)
-            else:
-                self._history_unsaved.discard(agent_id)
         await self._durable()
         # A burst of exits can overflow the loop's signal pipe and lose a
         # SIGCHLD; one reap pass per tick makes sure no exit goes unseen.
@@ -831,7 +825,9 @@ class Supervisor:
 
     def _move(self, a: _Agent, to: AgentState, reason: str) -> None:
         a.lc.transition(to, reason)
-        self._history_unsaved.add(a.id)
+        # Not durable (no fsync): the history must outlive a node agent crash,
+        # which the page cache does; a host crash may cost its tail.
+        self._save(a)
         if to not in LIVE:
             a.message = ""
         self._emit(a)
@@ -874,6 +870,8 @@ class Supervisor:
             log.exception("on_event callback failed")
 
     def _save(self, a: _Agent, *, durable: bool = False) -> None:
+        if a.forgotten:  # a removed agent's record is never written back
+            return
         state = a.lc.state
         desired = state not in FINAL or a.keep_desired
         record = AgentRecord(
@@ -888,7 +886,6 @@ class Supervisor:
             last_state=state.value,
             history=list(a.lc.history),
         )
-        self._history_unsaved.discard(a.id)
         try:
             self._store.write(record, durable=durable)
         except OSError as exc:
