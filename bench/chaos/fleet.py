@@ -45,8 +45,10 @@ columns, not hidden, and do not fail the run.
 readopt also checks the fleet's durable history: the EVENTS stream (made as
 a controller makes it) must hold each agent's ``agent.started`` once and
 ``agent.readopted`` once. The node's own per-agent status history
-(``AgentStatus.history`` and ``since``) is compared before and after; an
-agent whose history did not survive counts in "status history reset".
+(``AgentStatus.history``) is compared before and after: the old one must
+be kept whole, with the re-adoption added as one more move (``since`` is
+that move's time); an agent whose history did not survive counts in
+"status history reset".
 
 Prints a row per run and a summary table (scenario, runs, faults, agents
 affected, lost, duplicate instants, time to recover p50/max). Exits 1 if
@@ -240,8 +242,12 @@ async def readopt(args: argparse.Namespace, base: Path, sampler: Sampler) -> lis
                     run.lost.append(f"{name}: pid {pids[name]} -> {new.pid} {new.state.value}")
                 elif (new.restarts, new.epoch) != (old.restarts, old.epoch):
                     run.lost.append(f"{name}: restarts/epoch changed")
-                elif new.history[: len(old.history)] != old.history or new.since != old.since:
-                    # The node's own transition list (AgentStatus.history) and `since`.
+                elif new.history[: len(old.history)] != old.history or (
+                    new.history[-1].reason != "re-adopted"
+                ):
+                    # The node's own transition list (AgentStatus.history) must go
+                    # on where it was, with the re-adoption as one more move
+                    # (`since` is that move's time).
                     run.history_reset += 1
             # Any pid other than the original ones running one of these agents
             # is a respawn, even if it never overlapped.
