@@ -63,6 +63,17 @@ def find_cgroup2_mount(mountinfo: str) -> Path | None:
     return None
 
 
+def favors_dynmods(mountinfo: str) -> bool:
+    """True when the cgroup2 mount in a ``/proc/self/mountinfo`` text has the
+    ``favordynmods`` super option (cheap migrations; see the module doc)."""
+    for line in mountinfo.splitlines():
+        _, sep, right = line.partition(" - ")
+        fields = right.split()
+        if sep and len(fields) >= 3 and fields[0] == "cgroup2":
+            return "favordynmods" in fields[2].split(",")
+    return False
+
+
 def own_cgroup_path(proc_cgroup: str) -> str | None:
     """The v2 cgroup path (``0::/...`` line) in a ``/proc/<pid>/cgroup`` text."""
     for line in proc_cgroup.splitlines():

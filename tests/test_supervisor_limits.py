@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from agents.harness import policy, running, script, spec, until
 
-from node_agent.cgroup import CgroupTree, find_cgroup2_mount, own_cgroup_path
+from node_agent.cgroup import CgroupTree, favors_dynmods, find_cgroup2_mount, own_cgroup_path
 from node_agent.limits import cgroup_settings, memory_exceeded, plan_limits, rlimits_for
 from schemas.agent import AgentState, LimitMechanism, Limits
 
@@ -19,6 +19,15 @@ HYBRID = """\
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 """
 UNIFIED = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_favors_dynmods_reads_the_cgroup2_super_options() -> None:
+    assert not favors_dynmods(HYBRID)
+    assert not favors_dynmods(UNIFIED)
+    assert favors_dynmods(UNIFIED.replace("rw,nsdelegate", "rw,nsdelegate,favordynmods"))
+    # The option of a cgroup v1 line or the per-mount options do not count.
+    assert not favors_dynmods(HYBRID.replace("rw,memory", "rw,memory,favordynmods"))
+    assert not favors_dynmods(UNIFIED.replace("rw,nosuid", "rw,nosuid,favordynmods"))
 
 
 def test_find_cgroup2_mount() -> None:
