@@ -16,9 +16,10 @@ from agents.harness import until
 from natsfixtures import FabricPki
 from workers.rig import TaskRig, fast_settings, task_rig
 
-from fabric.tasks.client import make_task
+from fabric.tasks.client import TaskClient, make_task
 from fabric.tasks.records import DeadTask, TaskState
 from fabric.tasks.stream import DEAD_STREAM, QueueSettings
+from fabric.tokens import TokenIssuer
 from schemas.codec import decode
 
 
@@ -184,11 +185,18 @@ async def test_junk_on_the_queue_is_termed_not_retried(rig: TaskRig) -> None:
 async def test_a_task_past_max_deliver_is_dead_lettered_not_left_behind(rig: TaskRig) -> None:
     queue = QueueSettings(ack_wait=0.5, max_deliver=3)
     await rig.dispatcher(fast_settings(queue=queue))
-    tasks = await rig.tasks()
+    issuer = TokenIssuer.from_file(rig.pki.dir / "signing.key", issuer="tests")
+    tasks = TaskClient(
+        await rig.clients("op-1"), token=lambda: issuer.mint("op-1", ["tasks:submit"])
+    )
 
     submitted = await tasks.submit("echo", {"n": 1})
+    assert submitted.task.token is not None
     record = await tasks.wait(submitted.task.id, within=10)
 
     assert (record.state, record.attempts) == (TaskState.DEAD, 0)
     assert record.error == "delivered 3 times without finishing (max_deliver)"
     await rig.queue_drained()
+    # The dead letter is the task as it would run: its submit token is not kept.
+    [letter] = await tasks.dead("echo")
+    assert letter.task.id == submitted.task.id and letter.task.token is None

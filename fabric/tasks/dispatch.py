@@ -797,6 +797,8 @@ class Dispatcher:
             if store is None or stored_msg.data is None:
                 return
             task = decode(stored_msg.data, Task, max_bytes=MAX_TASK_PAYLOAD_BYTES)
+            # As stored, never admitted: the submit token must not reach the letter.
+            task = msgspec.structs.replace(task, token=None)
             stored, _ = await store.claim(task, self.name)
             if not stored.record.final:
                 why = f"delivered {advisory.deliveries} times without finishing (max_deliver)"
