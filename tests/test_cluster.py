@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from natsfixtures import Clients
 
 from fabric.connect import js_publish
@@ -114,7 +118,7 @@ async def test_acknowledged_messages_survive_losing_the_stream_leader(
 
         # Read every message back: each acknowledged id exactly once.
         seen: list[str] = []
-        sub = await js.subscribe("events.order.>", ordered_consumer=True)
+        sub = await _ordered_reader(js, "ORDERS", "events.order.>")
         async with asyncio.timeout(10):
             while len(seen) < len(acked):
                 msg: Msg = await sub.next_msg(timeout=5)
@@ -126,6 +130,19 @@ async def test_acknowledged_messages_survive_losing_the_stream_leader(
     finally:
         # Leave the module's cluster whole for any later test.
         await leader.start()
+
+
+async def _ordered_reader(js: JetStreamContext, stream: str, subject: str) -> Any:
+    """An ordered consumer, asked for again while the killed server's JetStream
+    meta leadership is still being elected (its API answers nothing meanwhile)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await js.subscribe(subject, stream=stream, ordered_consumer=True)
+            except nats.errors.TimeoutError:
+                continue  # the request itself waited
+            except nats.js.errors.ServiceUnavailableError:
+                await asyncio.sleep(0.1)  # wait-ok: answered at once, asked again shortly
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
