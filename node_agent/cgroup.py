@@ -51,27 +51,39 @@ __all__ = ["AgentCgroup", "CgroupTree", "find_cgroup2_mount", "own_cgroup_path"]
 WANTED_CONTROLLERS = ("memory", "cpu", "pids")
 
 
-def find_cgroup2_mount(mountinfo: str) -> Path | None:
-    """The mount point of the cgroup2 hierarchy in a ``/proc/self/mountinfo`` text."""
+def _cgroup2_line(mountinfo: str) -> tuple[list[str], list[str]] | None:
+    """The cgroup2 line of a ``/proc/self/mountinfo`` text, split at its `` - ``
+    separator: (mount fields, [fstype, source, super options])."""
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")
-        if sep and right.split(" ", 1)[0] == "cgroup2":
-            fields = left.split()
-            if len(fields) >= 5:
-                # Mount points escape spaces and the like as octal (\040).
-                return Path(fields[4].encode().decode("unicode_escape"))
+        fields = right.split()
+        if sep and fields and fields[0] == "cgroup2":
+            return left.split(), fields
     return None
+
+
+def find_cgroup2_mount(mountinfo: str) -> Path | None:
+    """The mount point of the cgroup2 hierarchy in a ``/proc/self/mountinfo`` text."""
+    found = _cgroup2_line(mountinfo)
+    if found is None or len(found[0]) < 5:
+        return None
+    # Mount points escape spaces and the like as octal (\040).
+    return Path(found[0][4].encode().decode("unicode_escape"))
 
 
 def favors_dynmods(mountinfo: str) -> bool:
     """True when the cgroup2 mount in a ``/proc/self/mountinfo`` text has the
     ``favordynmods`` super option (cheap migrations; see the module doc)."""
-    for line in mountinfo.splitlines():
-        _, sep, right = line.partition(" - ")
-        fields = right.split()
-        if sep and len(fields) >= 3 and fields[0] == "cgroup2":
-            return "favordynmods" in fields[2].split(",")
-    return False
+    found = _cgroup2_line(mountinfo)
+    return found is not None and len(found[1]) >= 3 and ("favordynmods" in found[1][2].split(","))
+
+
+def host_favors_dynmods() -> bool:
+    """:func:`favors_dynmods` of this process's own mount table (False if unreadable)."""
+    try:
+        return favors_dynmods(_read(Path("/proc/self/mountinfo")))
+    except OSError:
+        return False
 
 
 def own_cgroup_path(proc_cgroup: str) -> str | None:

@@ -48,7 +48,7 @@ from typing import Any, Literal, get_args
 
 import psutil
 
-from node_agent.cgroup import AgentCgroup, CgroupTree, favors_dynmods
+from node_agent.cgroup import AgentCgroup, CgroupTree, host_favors_dynmods
 from node_agent.health import HealthMonitor, make_probe
 from node_agent.lifecycle import AgentLifecycle
 from node_agent.limits import Plan, apply_limits, memory_exceeded, rlimits_for
@@ -174,7 +174,7 @@ class Supervisor:
         self._reaper.start()
         try:
             self._cgroups = self._detect_cgroups()
-            if self._cgroups is not None and not _cheap_cgroup_moves():
+            if self._cgroups is not None and not host_favors_dynmods():
                 log.warning(
                     "cgroup2 is mounted without favordynmods: moving each new agent into"
                     " its cgroup may wait 10-15 ms for an RCU grace period (see"
@@ -958,10 +958,3 @@ def _mark_reaped(popen: subprocess.Popen[bytes]) -> Callable[[asyncio.Future[Exi
             mark_reaped(popen, fut.result())
 
     return done
-
-
-def _cheap_cgroup_moves() -> bool:
-    try:
-        return favors_dynmods(Path("/proc/self/mountinfo").read_text())
-    except OSError:
-        return False
