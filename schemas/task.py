@@ -24,9 +24,11 @@ __all__ = [
     "ExecResult",
     "Task",
     "TaskAssignment",
+    "TaskBatch",
     "TaskOutcome",
     "TaskProgress",
     "TaskResult",
+    "TaskResults",
 ]
 
 MAX_TASK_PAYLOAD_BYTES = 256 * 1024
@@ -65,6 +67,23 @@ class TaskAssignment(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     token: Annotated[str, msgspec.Meta(max_length=8192)] | None = None
 
 
+MAX_BATCH_ASSIGNMENTS = 256
+"""The most assignments one :class:`TaskBatch` carries (and so the most replies a
+worker may send to it: its ``allow_responses`` allowance)."""
+
+BATCH_HEADER = "Fabric-Batch"
+"""Header (value ``1``) marking a :class:`TaskBatch` on ``agents.<agent_id>.tasks``."""
+
+
+class TaskBatch(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Several assignments in one message to ``agents.<agent_id>.tasks``, sent with
+    the header ``Fabric-Batch: 1``. The worker answers every assignment exactly
+    once, on the message's reply subject, in :class:`TaskResults` messages that
+    carry the results finished together (so one slow task delays no other)."""
+
+    assignments: Annotated[list[TaskAssignment], msgspec.Meta(min_length=1, max_length=256)]
+
+
 class TaskOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -80,6 +99,12 @@ class TaskResult(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     error: Text | None = None
     started_at: Timestamp
     finished_at: Timestamp
+
+
+class TaskResults(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A worker's answer to (part of) a :class:`TaskBatch`."""
+
+    results: Annotated[list[TaskResult], msgspec.Meta(min_length=1, max_length=256)]
 
 
 class TaskProgress(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
