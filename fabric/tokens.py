@@ -20,6 +20,10 @@ in this order, so a token that is wrong in two ways always gets the same code::
 
 Only a token that passed every other check is recorded against replay, so a
 refused token cannot burn a valid one's id.
+
+``max_tasks`` (absent: 1) is how many distinct task ids one submit token may
+admit; only task admission (:mod:`fabric.tasks.admission`) reads it. A
+request still spends its token on one call, whatever the claim says.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ __all__ = [
     "DEFAULT_LEEWAY",
     "DEFAULT_MAX_LIFETIME",
     "DEFAULT_REPLAY_CACHE_SIZE",
+    "MAX_TASKS_PER_TOKEN",
     "SCOPES",
     "SIGNING_KEY",
     "SIGNING_PUB",
@@ -71,6 +76,7 @@ DEFAULT_AUDIENCE = "agent-fabric"
 DEFAULT_LEEWAY = 5.0
 DEFAULT_MAX_LIFETIME = 3600.0
 DEFAULT_REPLAY_CACHE_SIZE = 100_000
+MAX_TASKS_PER_TOKEN = 10_000
 SIGNING_KEY = "signing.key"
 SIGNING_PUB = "signing.pub"
 
@@ -83,10 +89,13 @@ _ID_RE = re.compile(ID_PATTERN)
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Jti = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 _Time = Annotated[int, msgspec.Meta(ge=0)]
+_MaxTasks = Annotated[int, msgspec.Meta(ge=1, le=MAX_TASKS_PER_TOKEN)]
 
 
-class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a verified token says: who asks, for what, until when."""
+# omit_defaults: a token minted without max_tasks (or absent agent/node) carries
+# no such key, so a verifier that predates the claim still reads it.
+class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a verified token says: who asks, for what, until when, for how many tasks."""
 
     sub: _Text
     iss: _Text
@@ -98,6 +107,7 @@ class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scopes: Annotated[list[str], msgspec.Meta(max_length=len(SCOPES))]
     agent: str | None = None
     node: str | None = None
+    max_tasks: _MaxTasks = 1
 
 
 _claims_decoder = msgspec.json.Decoder(Claims)
@@ -181,10 +191,12 @@ class TokenIssuer:
         ttl: float = 60,
         audience: str = DEFAULT_AUDIENCE,
         not_before: float | None = None,
+        max_tasks: int | None = None,
     ) -> str:
         """A signed token for ``subject``, valid from ``not_before`` (default now) for ``ttl``
         seconds. Binding ``agent`` or ``node`` limits it to that target; without them it
-        is fleet-wide."""
+        is fleet-wide. ``max_tasks`` (1 to :data:`MAX_TASKS_PER_TOKEN`; None: 1) lets one
+        submit token admit that many distinct tasks."""
         if isinstance(scopes, str):
             raise ValueError("scopes must be a sequence of scope names, not one string")
         unknown = [s for s in scopes if s not in SCOPES]
@@ -201,6 +213,14 @@ class TokenIssuer:
             raise ValueError(f"ttl must be at least 1 second, not {ttl!r}")
         if not_before is not None and not (math.isfinite(not_before) and not_before >= 0):
             raise ValueError(f"not_before must be a unix time, not {not_before!r}")
+        if max_tasks is not None and (
+            isinstance(max_tasks, bool)
+            or not isinstance(max_tasks, int)
+            or not 1 <= max_tasks <= MAX_TASKS_PER_TOKEN
+        ):
+            raise ValueError(
+                f"max_tasks must be an integer from 1 to {MAX_TASKS_PER_TOKEN}, not {max_tasks!r}"
+            )
         _check_target(agent, "agent")
         _check_target(node, "node")
         now = self._clock()
@@ -216,6 +236,7 @@ class TokenIssuer:
             scopes=list(dict.fromkeys(scopes)),
             agent=agent,
             node=node,
+            max_tasks=1 if max_tasks is None else max_tasks,
         )
         payload = msgspec.json.encode(claims)
         return jwt.PyJWS().encode(
@@ -329,8 +350,26 @@ class TokenVerifier:
             raise ValueError(f"unknown scope {scope!r}")
         if not token:
             raise ContractError(ErrorCode.TOKEN_MISSING, "a token is required")
-        claims = self._decode(token)
+        claims = self.decode(token)
         now = self._clock()
+        self.check(claims, now, scope=scope, agent=agent, node=node)
+        self._record(claims, now)
+        return claims
+
+    def check(
+        self,
+        claims: Claims,
+        now: float,
+        *,
+        scope: str,
+        agent: str | None = None,
+        node: str | None = None,
+    ) -> None:
+        """The checks of :meth:`verify` that depend on the moment and the call, on claims
+        :meth:`decode` returned: time as of ``now`` (with the leeway), audience, scope,
+        target. Replay is the caller's to check."""
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}")
         self._check_time(claims, now)
         if claims.aud != self._audience:
             raise ContractError(
@@ -347,10 +386,11 @@ class TokenVerifier:
             raise ContractError(
                 ErrorCode.TOKEN_WRONG_TARGET, f"token is bound to node {claims.node!r}"
             )
-        self._record(claims, now)
-        return claims
 
-    def _decode(self, token: str) -> Claims:
+    def decode(self, token: str) -> Claims:
+        """The claims of ``token`` once its signature and form are checked (TOKEN_INVALID
+        otherwise): what holds whenever it is shown. Nothing is checked against a
+        clock, a call or the replay cache; :meth:`check` does that."""
         if not isinstance(token, str) or len(token) > _MAX_TOKEN_LENGTH:
             raise ContractError(ErrorCode.TOKEN_INVALID, "token is not a compact JWS of sane size")
         try:

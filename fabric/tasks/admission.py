@@ -28,12 +28,22 @@ backlog); what matters is that its submitter was entitled when it was
 submitted. A token stored after it expired is refused, however fast it is
 taken.
 
-Replay: one token admits one task id. Redeliveries of that task (retries, a
-controller that died, a waiting task coming back) show the same token for
-the same id and pass; the same token on another task id is refused. The
-binding is remembered per controller (bounded, oldest forgotten first), so
-it narrows replay rather than closing it fleet-wide; the subjects a task may
-be published on (operators and controllers only) are the first wall.
+Replay: a token admits at most ``max_tasks`` distinct task ids (its claim,
+1 when absent; :class:`~fabric.tasks.client.TaskClient` mints one for up to
+1,000 tasks). Redeliveries of an admitted task (retries, a controller that
+died, a waiting task coming back) show the same token for the same id and
+pass; the token on one id more is refused. The binding is remembered per
+controller (at most ``remember`` task ids in all, the token that admitted
+least recently forgotten first), so it narrows replay rather than closing it
+fleet-wide; the subjects a task may be published on (operators and
+controllers only) are the first wall.
+
+Cost: a controller verifies a token's signature once while it keeps it: the
+verified claims are kept by the exact token string (the 4,096 tokens shown
+most recently); a task
+showing a kept token only runs the checks that depend on the task (time as
+of its stored time, scopes for its type, target). A token that fails
+verification is not kept: it is verified, and refused, each time it is shown.
 
 Policy: a controller may run with ``require_token=False`` (library default,
 what tests and benchmarks built on a bare dispatcher use): a task without a
@@ -75,31 +85,66 @@ log = logging.getLogger(__name__)
 SUBMIT_SCOPE = "tasks:submit"
 RUN_SCOPE = "agents:run"
 _REMEMBER = 100_000
+# A few hundred bytes each: about 2 MB at most, and far more tokens than
+# clients submitting at once.
+_VERIFIED_TOKENS = 4096
 _MAX_SUBMITTER = 256  # TaskRecord.submitted_by is ShortText
 # The attribute a controller's admission rides on, on the dispatcher it runs
 # (fabric.tasks.dispatch is owned apart; the call site there is one line).
 _ATTR = "admission"
 
 
-class _AtVerifier(TokenVerifier):
-    """A verifier whose clock is the task's stored time, set before each check.
+class _Bindings:
+    """Which task ids each token (by jti) admitted, at most ``capacity`` ids in all.
 
-    Its jti replay cache is off: a task's token is shown again on every
-    redelivery of that task, which is no replay; :class:`Admission` binds each
-    jti to one task id instead.
+    Tokens are kept least recently admitting first, so a client that keeps
+    submitting with one token keeps its count; with ``capacity`` at or above
+    :data:`~fabric.tokens.MAX_TASKS_PER_TOKEN` the token admitting now is
+    never the one forgotten.
     """
 
-    def __init__(self, keys: Sequence[Ed25519PublicKey], leeway: float) -> None:
-        self.at = 0.0
-        super().__init__(keys, leeway=leeway, clock=lambda: self.at)
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("remember must be at least 1")
+        self._capacity = capacity
+        # dict, not set: the first id admitted is named in the refusal.
+        self._ids: OrderedDict[str, dict[str, None]] = OrderedDict()
+        self._total = 0
 
-    def _record(self, claims: Claims, now: float) -> None:
-        return None
+    def __len__(self) -> int:
+        """Task ids remembered, over all tokens."""
+        return self._total
+
+    def admit(self, jti: str, task_id: str, limit: int) -> None:
+        """Bind ``task_id`` to ``jti`` unless the token already admitted ``limit`` others:
+        ContractError(TOKEN_REPLAYED) then, and nothing is recorded."""
+        ids = self._ids.get(jti)
+        if ids is None:
+            ids = self._ids[jti] = {}
+        else:
+            self._ids.move_to_end(jti)
+            if task_id in ids:
+                return
+            if len(ids) >= limit:
+                first = next(iter(ids))
+                if limit == 1:
+                    raise ContractError(
+                        ErrorCode.TOKEN_REPLAYED, f"this token already submitted task {first!r}"
+                    )
+                raise ContractError(
+                    ErrorCode.TOKEN_REPLAYED,
+                    f"this token already submitted its {limit} tasks (the first {first!r})",
+                )
+        ids[task_id] = None
+        self._total += 1
+        while self._total > self._capacity:
+            _, dropped = self._ids.popitem(last=False)
+            self._total -= len(dropped)
 
 
 class Admission:
     """The controller's admission policy for tasks; :meth:`check` is pure but for its
-    bounded memory of which token admitted which task."""
+    bounded memory of verified tokens and of which token admitted which tasks."""
 
     def __init__(
         self,
@@ -109,12 +154,23 @@ class Admission:
         leeway: float = DEFAULT_LEEWAY,
         on_refused: Callable[[Refusal], None] | None = None,
         remember: int = _REMEMBER,
+        verified_tokens: int = _VERIFIED_TOKENS,
     ) -> None:
+        if verified_tokens < 1:
+            raise ValueError("verified_tokens must be at least 1")
         self.require_token = require_token
         self.on_refused = on_refused
-        self._verifier = _AtVerifier(keys, leeway)
-        self._bound: OrderedDict[str, str] = OrderedDict()
-        self._remember = remember
+        # Used for decode and check only: its own jti replay cache stays empty,
+        # since a redelivered task shows its token again and that is no replay.
+        self._verifier = TokenVerifier(keys, leeway=leeway)
+        self._verified: OrderedDict[str, Claims] = OrderedDict()
+        self._verified_max = verified_tokens
+        self._bindings = _Bindings(remember)
+
+    @property
+    def remembered(self) -> tuple[int, int]:
+        """(tokens whose signature is kept verified, task ids bound to tokens)."""
+        return len(self._verified), len(self._bindings)
 
     @classmethod
     def from_files(cls, *paths: Path, **kw: Any) -> Admission:
@@ -136,14 +192,17 @@ class Admission:
 
         ``stored_at``: unix time at which JetStream stored the task.
         """
-        if task.token is None:
+        token = task.token
+        if token is None:
             if self.require_token:
                 raise ContractError(
                     ErrorCode.TOKEN_MISSING, "a task needs a token with scope tasks:submit"
                 )
             return task
-        self._verifier.at = stored_at
-        claims = self._verifier.verify(task.token, scope=SUBMIT_SCOPE)
+        if not token:
+            raise ContractError(ErrorCode.TOKEN_MISSING, "a token is required")
+        claims = self._claims(token)
+        self._verifier.check(claims, stored_at, scope=SUBMIT_SCOPE)
         missing = [scope for scope in scopes_for(task.type) if scope not in claims.scopes]
         if missing:
             # An exec task starts a command on a node: it needs what `fabric
@@ -152,16 +211,21 @@ class Admission:
                 ErrorCode.TOKEN_SCOPE,
                 f"a {task.type!r} task needs a token granting {', '.join(missing)} as well",
             )
-        bound = self._bound.get(claims.jti)
-        if bound is not None and bound != task.id:
-            raise ContractError(
-                ErrorCode.TOKEN_REPLAYED, f"this token already submitted task {bound!r}"
-            )
-        if bound is None:
-            self._bound[claims.jti] = task.id
-            if len(self._bound) > self._remember:
-                self._bound.popitem(last=False)
+        self._bindings.admit(claims.jti, task.id, claims.max_tasks)
         return msgspec.structs.replace(task, submitted_by=claims.sub[:_MAX_SUBMITTER], token=None)
+
+    def _claims(self, token: str) -> Claims:
+        """The token's verified claims: its signature checked on first sight only."""
+        claims = self._verified.get(token)
+        if claims is not None:
+            self._verified.move_to_end(token)
+            return claims
+        # Raises for a bad token before anything is kept.
+        claims = self._verifier.decode(token)
+        self._verified[token] = claims
+        if len(self._verified) > self._verified_max:
+            self._verified.popitem(last=False)
+        return claims
 
 
 def scopes_for(task_type: str) -> tuple[str, ...]:
