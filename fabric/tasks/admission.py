@@ -40,10 +40,10 @@ controllers only) are the first wall.
 
 Cost: a controller verifies a token's signature once while it keeps it: the
 verified claims are kept by the exact token string (the 4,096 tokens shown
-most recently); a task
-showing a kept token only runs the checks that depend on the task (time as
-of its stored time, scopes for its type, target). A token that fails
-verification is not kept: it is verified, and refused, each time it is shown.
+most recently); a task showing a kept token only runs the checks that depend
+on the task (time as of its stored time, scopes for its type, target). A
+token that fails verification is not kept: it is verified, and refused, each
+time it is shown.
 
 Policy: a controller may run with ``require_token=False`` (library default,
 what tests and benchmarks built on a bare dispatcher use): a task without a

@@ -2,17 +2,29 @@
 
 ::
 
-    tasks = TaskClient(nc, submitted_by="op-1", token=lambda: issuer.mint("op-1", ["tasks:submit"]))
+    tasks = TaskClient(nc, submitted_by="op-1", issuer=issuer)
     sub = await tasks.submit("summarize", {"text": "..."})
+    many = await tasks.submit_many(NewTask("summarize", {"text": t}) for t in texts)
     record = await tasks.wait(sub.task.id, within=30)
     waiting = await tasks.list_records(pending=True)
     letters = await tasks.dead()
     again = await tasks.retry(letters[0].task.id)
 
-``token`` mints a fresh submit token (scope ``tasks:submit``) per task: the
-controller takes the submitter from it (:mod:`fabric.tasks.admission`), and a
+Every task carries a submit token (scope ``tasks:submit``): the controller
+takes the submitter from it (:mod:`fabric.tasks.admission`), and a
 controller run by ``fabric up`` refuses a task without one. ``submitted_by``
-is only a fallback name for controllers that admit untokened tasks.
+is only a fallback name for controllers that admit untokened tasks. Given
+``issuer``, the client mints its tokens itself (:class:`SubmitTokens`): one
+token for up to 1,000 tasks (its ``max_tasks`` claim), a fresh one once that
+many are spent or half its lifetime has gone, so a controller verifies one
+signature per thousand tasks instead of one per task. ``token`` instead is
+called once per task and its token used as given.
+
+:meth:`TaskClient.submit_many` submits many tasks with a bounded window of
+publishes in flight (each still confirmed by its PubAck, each with its id as
+``Nats-Msg-Id``) and returns each task's outcome in order: its
+:class:`Submitted`, or the exception :meth:`~TaskClient.submit` would have
+raised for it.
 
 :meth:`TaskClient.submit` returns only once JetStream has stored the task
 (its PubAck); the task id is the ``Nats-Msg-Id``, so submitting the same id
@@ -33,11 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -47,6 +60,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from fabric.connect import js_publish
+from fabric.tasks.admission import SUBMIT_SCOPE
 from fabric.tasks.records import DeadTask, TaskRecord, TaskState, decode_record
 from fabric.tasks.stream import (
     DEAD_STREAM,
@@ -56,6 +70,7 @@ from fabric.tasks.stream import (
     dead_subject,
     direct_subject,
 )
+from fabric.tokens import MAX_TASKS_PER_TOKEN, TokenIssuer
 from schemas import subjects
 from schemas.codec import decode
 from schemas.common import utc_now
@@ -63,9 +78,21 @@ from schemas.errors import ContractError, ErrorCode
 from schemas.ids import validate_id
 from schemas.task import MAX_TASK_PAYLOAD_BYTES, Task
 
-__all__ = ["DeadLetter", "Submitted", "TaskClient", "make_task", "msg_id", "new_task_id"]
+__all__ = [
+    "DeadLetter",
+    "NewTask",
+    "SubmitTokens",
+    "Submitted",
+    "TaskClient",
+    "make_task",
+    "msg_id",
+    "new_task_id",
+]
 
 _encoder = msgspec.json.Encoder()
+TASKS_PER_TOKEN = 1000
+TOKEN_TTL = 120.0
+WINDOW = 256
 
 
 def new_task_id() -> str:
@@ -155,6 +182,65 @@ class Submitted:
     this submission changed nothing and the task will run once."""
 
 
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One task for :meth:`TaskClient.submit_many`: :meth:`TaskClient.submit`'s arguments."""
+
+    type: str
+    payload: Any = None
+    id: str | None = None
+    priority: int = 5
+    deadline: datetime | None = None
+    max_attempts: int = 3
+
+
+class SubmitTokens:
+    """Submit tokens minted from ``issuer``, each handed out for up to ``per_token``
+    tasks (its ``max_tasks`` claim) and while more than half its ``ttl`` is left.
+
+    Called once per task, as :class:`TaskClient` calls its ``token``. Half the
+    lifetime leaves the other half for a submission to be stored, which is the
+    moment the controller checks the token at. ``scopes``: add ``agents:run``
+    for ``exec`` tasks (:func:`~fabric.tasks.admission.scopes_for`).
+    """
+
+    def __init__(
+        self,
+        issuer: TokenIssuer,
+        subject: str,
+        *,
+        scopes: Sequence[str] = (SUBMIT_SCOPE,),
+        per_token: int = TASKS_PER_TOKEN,
+        ttl: float = TOKEN_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= per_token <= MAX_TASKS_PER_TOKEN:
+            raise ValueError(f"per_token must be 1 to {MAX_TASKS_PER_TOKEN}, not {per_token!r}")
+        self._issuer = issuer
+        self._subject = subject
+        self._scopes = list(scopes)
+        self._per_token = per_token
+        self._ttl = ttl
+        self._clock = clock
+        self._token = ""
+        self._left = 0
+        self._renew_at = 0.0
+        self.minted = 0
+        """Tokens minted so far."""
+
+    def __call__(self) -> str:
+        now = self._clock()
+        if self._left <= 0 or now >= self._renew_at:
+            self._token = self._issuer.mint(
+                self._subject, self._scopes, ttl=self._ttl, max_tasks=self._per_token
+            )
+            self.minted += 1
+            self._left = self._per_token
+            self._renew_at = now + self._ttl / 2
+        self._left -= 1
+        return self._token
+
+
 class TaskClient:
     """Submit, read and follow tasks over one NATS connection."""
 
@@ -164,12 +250,22 @@ class TaskClient:
         *,
         submitted_by: str = "",
         token: Callable[[], str] | None = None,
+        issuer: TokenIssuer | None = None,
     ) -> None:
+        """``token``: called once per task, its token used as given. ``issuer``: mint
+        tokens here instead, for subject ``submitted_by``, each for many tasks
+        (:class:`SubmitTokens`). Neither: tasks go without a token."""
+        if issuer is not None:
+            if token is not None:
+                raise ValueError("give token or issuer, not both")
+            if not submitted_by:
+                raise ValueError("minting tokens needs submitted_by: it is their subject")
+            token = SubmitTokens(issuer, submitted_by)
         self.nc = nc
         self.js = nc.jetstream()
         self.submitted_by = submitted_by
         self.token = token
-        """Mints one fresh submit token per task (None: tasks go without one)."""
+        """The submit token for the next task (None: tasks go without one)."""
         self._kv: KeyValue | None = None
 
     async def submit(
@@ -196,6 +292,51 @@ class TaskClient:
             token=self.token() if self.token is not None else None,
             retry=retry,
         )
+        return await self._publish(task, data, within)
+
+    async def submit_many(
+        self, tasks: Iterable[NewTask], *, window: int = WINDOW, within: float = 30.0
+    ) -> list[Submitted | Exception]:
+        """Store many tasks, at most ``window`` publishes awaiting their PubAck at once.
+
+        Each task's outcome, in the order given: its :class:`Submitted`, or the
+        exception :meth:`submit` raises for it (ContractError for bad input,
+        the publish's error once ``within`` seconds have passed). One task's
+        failure does not stop the others.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        outcomes: list[Submitted | Exception | None] = []
+        # One iterator shared by the lanes: each takes the next task without an
+        # await in between, so tasks are made (and tokens handed out) in order.
+        todo = enumerate(tasks)
+
+        async def lane() -> None:
+            for i, new in todo:
+                outcomes.append(None)
+                try:
+                    task, data = make_task(
+                        new.type,
+                        new.payload,
+                        task_id=new.id,
+                        priority=new.priority,
+                        deadline=new.deadline,
+                        max_attempts=new.max_attempts,
+                        submitted_by=self.submitted_by,
+                        token=self.token() if self.token is not None else None,
+                    )
+                    outcomes[i] = await self._publish(task, data, within)
+                except Exception as exc:  # this task's outcome, as submit would raise it
+                    outcomes[i] = exc
+
+        lanes = min(window, len(tasks)) if isinstance(tasks, Sized) else window
+        async with asyncio.TaskGroup() as group:
+            for _ in range(lanes):
+                group.create_task(lane())
+        # Every slot was filled: a lane fills its slot before it takes the next task.
+        return cast(list[Submitted | Exception], outcomes)
+
+    async def _publish(self, task: Task, data: bytes, within: float) -> Submitted:
         ack = await js_publish(
             self.js,
             subjects.task_queue(task.type),
