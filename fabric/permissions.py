@@ -9,7 +9,8 @@ registrations under its own ``nodes.<node_id>.`` and nowhere else, so the
 subject itself proves the sender.
 
 The table (``<own>`` is the identity name; "replies" means allow_responses,
-i.e. one reply to each request received, with no publish right on inboxes):
+i.e. one reply to each request received unless the row says more, with no
+publish right on inboxes):
 
 controller
     publish and subscribe: every fabric family (``agents.>``, ``nodes.>``,
@@ -37,12 +38,13 @@ viewer
     ``agents.*.status``, ``agents.*.logs``, ``nodes.*.heartbeat``,
     ``events.>``, ``_INBOX.<own>.>``.
 worker
-    publish ``events.task.>``; replies (task results, ``$SRV`` answers), each
-    allowed for 24 h after its assignment since a task may run that long
-    (nats-server's default window is 2 min; a config reload resets the
-    tracking, so a reply pending across a reload is lost and the task is
-    retried); subscribe ``agents.*.tasks``, ``tasks.*.direct``, ``_INBOX.<own>.>``,
-    ``$SRV.>``.
+    publish ``events.task.>``; replies (task results, ``$SRV`` answers): up to
+    256 to each request (``MAX_BATCH_ASSIGNMENTS``: a batch of assignments is
+    answered in several messages as its tasks finish), each allowed for 24 h
+    after its assignment since a task may run that long (nats-server's default
+    window is 2 min; a config reload resets the tracking, so a reply pending
+    across a reload is lost and the task is retried); subscribe
+    ``agents.*.tasks``, ``tasks.*.direct``, ``_INBOX.<own>.>``, ``$SRV.>``.
 
 Notes:
 
@@ -65,6 +67,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from schemas.ids import ID_PATTERN, is_valid_id
+from schemas.task import MAX_BATCH_ASSIGNMENTS
 
 __all__ = [
     "ID_PATTERN",
@@ -124,9 +127,10 @@ _CONTROLLER_FAMILIES = (
 class Permissions:
     """Concrete allow lists for one user, ready to render into server config.
 
-    ``allow_responses`` lets the user publish exactly one reply to the reply
-    subject of each request it received, without any publish right on
-    ``_INBOX.>``: that is how nodes answer commands and workers answer tasks.
+    ``allow_responses`` lets the user publish ``response_max`` replies (one
+    unless said otherwise) to the reply subject of each request it received,
+    without any publish right on ``_INBOX.>``: that is how nodes answer
+    commands and workers answer tasks.
     """
 
     publish: tuple[str, ...]
@@ -134,6 +138,8 @@ class Permissions:
     allow_responses: bool = False
     response_expires: str | None = None
     """How long a reply stays allowed after the request (nats-server's default: 2 min)."""
+    response_max: int = 1
+    """How many replies one request allows (nats-server's default: 1)."""
 
     def may_publish(self, subject: str) -> bool:
         """True when some publish pattern covers ``subject`` (replies aside)."""
@@ -155,9 +161,13 @@ class Permissions:
             "subscribe": {"allow": list(self.subscribe)},
         }
         if self.allow_responses:
-            out["allow_responses"] = (
-                {"max": 1, "expires": self.response_expires} if self.response_expires else True
-            )
+            # A bare `true` keeps the server's defaults (1 reply within 2 min).
+            limits: dict[str, object] = {}
+            if self.response_expires or self.response_max != 1:
+                limits["max"] = self.response_max
+            if self.response_expires:
+                limits["expires"] = self.response_expires
+            out["allow_responses"] = limits or True
         return out
 
 
@@ -169,6 +179,7 @@ class RoleRow:
     subscribe: tuple[str, ...]
     allow_responses: bool = False
     response_expires: str | None = None
+    response_max: int = 1
     per_identity: bool = field(default=False)
 
     def bind(self, name: str) -> Permissions:
@@ -180,6 +191,7 @@ class RoleRow:
             subscribe=fill(self.subscribe),
             allow_responses=self.allow_responses,
             response_expires=self.response_expires,
+            response_max=self.response_max,
         )
 
 
@@ -238,6 +250,9 @@ ROLE_PERMISSIONS: dict[str, RoleRow] = {
         allow_responses=True,
         # A task may run for hours; its result is the reply to the assignment.
         response_expires="24h",
+        # A TaskBatch is answered in one TaskResults per group of tasks finished
+        # together, so in the worst case once per assignment.
+        response_max=MAX_BATCH_ASSIGNMENTS,
     ),
 }
 

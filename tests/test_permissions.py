@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from natsfixtures import IDENTITIES, Clients, ErrorLog
 
 from fabric.permissions import ROLE_PERMISSIONS, permissions_for, subject_matches
+from schemas.task import MAX_BATCH_ASSIGNMENTS
 
 # (identity, subject, allowed)
 PUBLISH_CASES: list[tuple[str, str, bool]] = [
@@ -158,6 +159,21 @@ def test_every_role_has_a_row_and_renders() -> None:
         config = permissions_for(role, "someone").to_config()
         json.dumps(config)
         assert config["publish"] and config["subscribe"]
+
+
+def test_reply_allowances_render_as_the_server_expects() -> None:
+    rendered = {
+        r: permissions_for(r, "someone").to_config().get("allow_responses")
+        for r in ROLE_PERMISSIONS
+    }
+    assert rendered == {
+        "controller": True,
+        "node": True,
+        "operator": None,
+        "viewer": None,
+        # One reply per assignment of a TaskBatch, for as long as a task may run.
+        "worker": {"max": MAX_BATCH_ASSIGNMENTS, "expires": "24h"},
+    }
 
 
 def test_viewer_and_worker_have_no_broad_jetstream() -> None:
@@ -317,6 +333,26 @@ async def test_a_node_replies_once_per_request(connect_as: Clients) -> None:
     await node.publish(request.reply, b"second")
     await node.flush()
     assert (await replies.next_msg(timeout=5)).data == b"first"
+    await errors.wait_for("permissions violation for publish")
+    assert replies.pending_msgs == 0
+
+
+async def test_a_worker_replies_to_a_batch_up_to_its_size(connect_as: Clients) -> None:
+    errors = ErrorLog()
+    worker = await connect_as("work-1", error_cb=errors)
+    sub = await worker.subscribe("agents.w1.tasks")
+    await worker.flush()
+    controller = await connect_as("ctl-1")
+    inbox = controller.new_inbox()
+    replies = await controller.subscribe(inbox)
+    await controller.publish("agents.w1.tasks", b"batch", reply=inbox)
+    await controller.flush()
+    request = await sub.next_msg(timeout=5)
+    for i in range(MAX_BATCH_ASSIGNMENTS + 1):
+        await worker.publish(request.reply, str(i).encode())
+    await worker.flush()
+    got = [(await replies.next_msg(timeout=5)).data for _ in range(MAX_BATCH_ASSIGNMENTS)]
+    assert got == [str(i).encode() for i in range(MAX_BATCH_ASSIGNMENTS)]
     await errors.wait_for("permissions violation for publish")
     assert replies.pending_msgs == 0
 
