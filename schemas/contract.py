@@ -31,7 +31,16 @@ from schemas.event import CloudEvent
 from schemas.logs import LogBatch
 from schemas.node import NodeHeartbeat, RegisterReply, RegisterRequest
 from schemas.subjects import Family
-from schemas.task import ExecPayload, ExecResult, Task, TaskAssignment, TaskProgress, TaskResult
+from schemas.task import (
+    ExecPayload,
+    ExecResult,
+    Task,
+    TaskAssignment,
+    TaskBatch,
+    TaskProgress,
+    TaskResult,
+    TaskResults,
+)
 
 __all__ = ["CHANNELS", "MESSAGES", "ApiRequest", "Channel"]
 
@@ -81,6 +90,8 @@ MESSAGES: dict[str, Any] = {
     "Task": Task,
     "TaskAssignment": TaskAssignment,
     "TaskResult": TaskResult,
+    "TaskBatch": TaskBatch,
+    "TaskResults": TaskResults,
     "TaskProgress": TaskProgress,
     "ExecPayload": ExecPayload,
     "ExecResult": ExecResult,
@@ -108,6 +119,9 @@ class Channel:
     publishers: tuple[str, ...]
     message: str
     reply: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
+    """Other messages sent on the channel instead of ``message``, told apart by a
+    header that ``description`` names."""
 
 
 CHANNELS: tuple[Channel, ...] = (
@@ -136,10 +150,16 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         Family.AGENT_TASKS,
         "agents.{agent_id}.tasks",
-        "A task handed to a worker inside the agent (request/reply).",
+        "A task handed to a worker inside the agent (request/reply), answered with a"
+        " TaskResult. With the header Fabric-Batch: 1 the body is a TaskBatch of up to 256"
+        " assignments instead, each answered exactly once (a repeated task id and attempt"
+        " once) on the reply subject in TaskResults messages that carry the results"
+        " finished together, so several replies come to the one request. A body that does"
+        " not decode gets one ErrorReply.",
         ("controller",),
         "TaskAssignment",
-        ("TaskResult", "ErrorReply"),
+        ("TaskResult", "TaskResults", "ErrorReply"),
+        variants=("TaskBatch",),
     ),
     Channel(
         Family.NODE_COMMANDS,

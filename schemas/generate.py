@@ -70,7 +70,7 @@ def asyncapi_document() -> dict[str, Any]:
         channels[key] = {
             "address": channel.address,
             "description": channel.description,
-            "messages": _message_refs([channel.message]),
+            "messages": _message_refs([channel.message, *channel.variants]),
         }
         params = _params(channel.address)
         if params:

@@ -63,9 +63,11 @@ from schemas.task import (
     ExecResult,
     Task,
     TaskAssignment,
+    TaskBatch,
     TaskOutcome,
     TaskProgress,
     TaskResult,
+    TaskResults,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC)
@@ -139,6 +141,29 @@ SAMPLES: dict[str, list[Any]] = {
             result=[1, 2],
             started_at=NOW,
             finished_at=NOW,
+        )
+    ],
+    "TaskBatch": [
+        TaskBatch(
+            assignments=[
+                TaskAssignment(task=TASK, attempt=1, ack_wait=30),
+                TaskAssignment(task=TASK, attempt=2, ack_wait=30, token="t"),
+            ]
+        )
+    ],
+    "TaskResults": [
+        TaskResults(
+            results=[
+                TaskResult(
+                    task_id="t-1",
+                    agent_id="web",
+                    attempt=1,
+                    outcome=TaskOutcome.FAILED,
+                    error="ValueError: bad input",
+                    started_at=NOW,
+                    finished_at=NOW,
+                )
+            ]
         )
     ],
     "TaskProgress": [TaskProgress(task_id="t-1", agent_id="web", attempt=1, fraction=0.5, at=NOW)],
@@ -423,7 +448,7 @@ def test_parser_fuzz(text: str) -> None:
 def test_every_channel_names_known_messages() -> None:
     for channel in CHANNELS:
         assert channel.message in MESSAGES
-        assert all(r in MESSAGES for r in channel.reply)
+        assert all(r in MESSAGES for r in (*channel.reply, *channel.variants))
 
 
 def test_every_api_request_fits_the_api_channel_message() -> None:
