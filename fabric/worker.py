@@ -30,6 +30,13 @@ What the worker does:
   ``events.task.progress`` at least every ``ack_wait / 3`` seconds (a
   keepalive; :meth:`TaskContext.progress` sends a real one), which keeps
   the task's JetStream ack deadline alive and tells the dispatcher it lives;
+* a message with the header ``Fabric-Batch: 1`` carries a :class:`TaskBatch`:
+  each of its assignments is served as if it had come alone (a repeated
+  ``(task_id, attempt)`` is served once), and the results go to the message's
+  reply subject in :class:`TaskResults` messages, one for all the results
+  finished in the same event-loop turn (split at 256 results or
+  ``MAX_RESULTS_BYTES``), so a slow task holds back no other. A body that does
+  not decode gets one :class:`ErrorReply`;
 * a handler declared with ``direct=True`` also takes fire-and-forget tasks
   from ``tasks.<type>.direct`` (core NATS, one worker of the queue group
   each): **at most once**, never stored, never retried, no record; lost if
@@ -60,21 +67,33 @@ from nats.aio.msg import Msg
 from fabric.connect import connect
 from fabric.tasks.stream import direct_subject
 from schemas import subjects
-from schemas.codec import decode, encode
+from schemas.codec import DEFAULT_MAX_BYTES, decode, encode
 from schemas.common import utc_now
-from schemas.errors import ContractError
+from schemas.errors import ContractError, ErrorCode
 from schemas.event import make_event
 from schemas.ids import validate_id
 from schemas.task import (
+    BATCH_HEADER,
+    MAX_BATCH_ASSIGNMENTS,
     MAX_TASK_PAYLOAD_BYTES,
     Task,
     TaskAssignment,
+    TaskBatch,
     TaskOutcome,
     TaskProgress,
     TaskResult,
+    TaskResults,
 )
 
-__all__ = ["ENV_AGENT_ID", "MAX_RESULT_BYTES", "Handler", "TaskContext", "Worker"]
+__all__ = [
+    "ENV_AGENT_ID",
+    "MAX_BATCH_BYTES",
+    "MAX_RESULTS_BYTES",
+    "MAX_RESULT_BYTES",
+    "Handler",
+    "TaskContext",
+    "Worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +101,17 @@ ENV_AGENT_ID = "FABRIC_AGENT_ID"
 PROGRESS_SUBJECT = "events.task.progress"
 MAX_RESULT_BYTES = MAX_TASK_PAYLOAD_BYTES
 """The largest encoded result a handler may return; a larger one fails the attempt."""
+MAX_BATCH_BYTES = DEFAULT_MAX_BYTES
+"""The largest encoded :class:`TaskBatch` accepted (the server's default max_payload)."""
+MAX_RESULTS_BYTES = 512 * 1024
+"""The most one :class:`TaskResults` message carries, encoded; more results are split."""
+# TaskResults around its results: the results' own bytes plus this and a comma each.
+_RESULTS_FRAME = len(b'{"results":[]}')
 _MAX_ASSIGNMENT = MAX_TASK_PAYLOAD_BYTES + 16 * 1024
 _MAX_ERROR = 4096
 _NO_KEEPALIVE = 7 * 24 * 3600.0
 DIRECT_QUEUE = "fabric-direct"
+_HANDED_BACK = "worker draining: handed back"
 
 Handler = Callable[["TaskContext", Any], Awaitable[Any]]
 H = TypeVar("H", bound=Handler)
@@ -132,7 +158,20 @@ class _Held:
     running: bool = False
     direct: bool = False
     """Came on ``tasks.<type>.direct``: no keepalive, a reply only if one was asked."""
+    batch: _Batch | None = None
+    """Came in a :class:`TaskBatch`: answered with the batch's other results."""
     started_at: Any = field(default_factory=utc_now)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The reply side of one :class:`TaskBatch`: results waiting for the end of the
+    event-loop turn they finished in, to go out together."""
+
+    msg: Msg
+    tg: asyncio.TaskGroup
+    pending: list[tuple[TaskResult, int]] = field(default_factory=list)
+    """Results not sent yet, with their encoded sizes; non-empty means a flush is due."""
 
 
 class Worker:
@@ -256,6 +295,10 @@ class Worker:
         keepalive.cancel()
 
     async def _on_assignment(self, msg: Msg) -> None:
+        version = msg.headers.get(BATCH_HEADER) if msg.headers else None
+        if version is not None:
+            await self._on_batch(msg, version)
+            return
         tg = self._tg
         try:
             assignment = decode(msg.data, TaskAssignment, max_bytes=_MAX_ASSIGNMENT)
@@ -265,13 +308,47 @@ class Worker:
             return
         held = _Held(msg, assignment, last_report=asyncio.get_running_loop().time())
         if tg is None or self._draining:
-            await self._answer(held, TaskOutcome.RETRY, error="worker draining: handed back")
+            await self._answer(held, TaskOutcome.RETRY, error=_HANDED_BACK)
             return
         key = (assignment.task.id, assignment.attempt)
         if key in self._held:
             return  # the same request again: the first one answers
         self._held[key] = held
         held.runner = tg.create_task(self._serve(held))
+
+    async def _on_batch(self, msg: Msg, version: str) -> None:
+        tg = self._tg
+        try:
+            if version != "1":
+                raise ContractError(ErrorCode.INVALID_PAYLOAD, f"unknown {BATCH_HEADER}: {version}")
+            batch = decode(msg.data, TaskBatch, max_bytes=MAX_BATCH_BYTES)
+        except ContractError as exc:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(encode(exc.to_reply()))
+            return
+        if not msg.reply:
+            log.warning("task batch without a reply subject: dropped")
+            return
+        # A repeat inside the batch is the same request again: the first one answers.
+        distinct: dict[tuple[str, int], TaskAssignment] = {}
+        for assignment in batch.assignments:
+            distinct.setdefault((assignment.task.id, assignment.attempt), assignment)
+        now = asyncio.get_running_loop().time()
+        if tg is None or self._draining:
+            answers = []
+            for assignment in distinct.values():
+                held = _Held(msg, assignment, now)
+                answer, body = self._result(held, TaskOutcome.RETRY, None, _HANDED_BACK)
+                answers.append((answer, len(body)))
+            await self._send(msg, answers)
+            return
+        out = _Batch(msg, tg)
+        for key, assignment in distinct.items():
+            if key in self._held:
+                continue  # an earlier message holds it and answers it
+            held = _Held(msg, assignment, now, batch=out)
+            self._held[key] = held
+            held.runner = tg.create_task(self._serve(held))
 
     async def _on_direct(self, msg: Msg) -> None:
         tg = self._tg
@@ -309,7 +386,7 @@ class Worker:
                     held.started_at = utc_now()
                     value = await route.handler(TaskContext(self, assignment, held), task.payload)
             except asyncio.CancelledError:
-                await self._answer(held, TaskOutcome.RETRY, error="worker draining: handed back")
+                await self._answer(held, TaskOutcome.RETRY, error=_HANDED_BACK)
                 return
             except Exception as exc:
                 text = f"{type(exc).__name__}: {exc}"
@@ -322,6 +399,23 @@ class Worker:
     async def _answer(
         self, held: _Held, outcome: TaskOutcome, *, result: Any = None, error: str | None = None
     ) -> None:
+        answer, body = self._result(held, outcome, result, error)
+        if held.batch is not None:
+            self._collect(held.batch, answer, len(body))
+            return
+        if held.direct and not held.msg.reply:
+            return
+        try:
+            await held.msg.respond(body)
+        except nats.errors.Error as exc:
+            # The dispatcher sees silence and puts the task back: nothing else to do.
+            log.warning("task %s: reply not sent: %s", answer.task_id, exc)
+
+    def _result(
+        self, held: _Held, outcome: TaskOutcome, result: Any, error: str | None
+    ) -> tuple[TaskResult, bytes]:
+        """The counted result of ``held`` and its encoding: failed instead when the
+        handler's value cannot go on the wire."""
         assignment = held.assignment
 
         def build(outcome: TaskOutcome, result: Any, error: str | None) -> TaskResult:
@@ -336,23 +430,40 @@ class Worker:
                 finished_at=utc_now(),
             )
 
+        answer = build(outcome, result, error)
         try:
-            body = encode(build(outcome, result, error))
+            body = encode(answer)
         except (TypeError, msgspec.EncodeError) as exc:
-            body = encode(build(TaskOutcome.FAILED, None, f"result is not JSON-encodable: {exc}"))
+            answer = build(TaskOutcome.FAILED, None, f"result is not JSON-encodable: {exc}")
+            body = encode(answer)
         if len(body) > MAX_RESULT_BYTES:
             text = f"result is {len(body)} bytes, the limit is {MAX_RESULT_BYTES}"
-            body = encode(build(TaskOutcome.FAILED, None, text))
-            outcome = TaskOutcome.FAILED
-        key = {"succeeded": "succeeded", "failed": "failed", "retry": "handed_back"}[outcome.value]
-        self.counts[key] += 1
-        if held.direct and not held.msg.reply:
-            return
-        try:
-            await held.msg.respond(body)
-        except nats.errors.Error as exc:
-            # The dispatcher sees silence and puts the task back: nothing else to do.
-            log.warning("task %s: reply not sent: %s", assignment.task.id, exc)
+            answer = build(TaskOutcome.FAILED, None, text)
+            body = encode(answer)
+        key = {"succeeded": "succeeded", "failed": "failed", "retry": "handed_back"}
+        self.counts[key[answer.outcome.value]] += 1
+        return answer, body
+
+    def _collect(self, batch: _Batch, answer: TaskResult, size: int) -> None:
+        # call_soon runs after every callback already due in this turn, so the
+        # results of all the tasks that finish in this turn share one message.
+        if not batch.pending:
+            asyncio.get_running_loop().call_soon(self._flush, batch)
+        batch.pending.append((answer, size))
+
+    def _flush(self, batch: _Batch) -> None:
+        answers, batch.pending = batch.pending, []
+        # The batch's runners are still in the group (their last step scheduled
+        # this call), so it has not closed yet.
+        batch.tg.create_task(self._send(batch.msg, answers))
+
+    async def _send(self, msg: Msg, answers: list[tuple[TaskResult, int]]) -> None:
+        for chunk in _chunks(answers):
+            try:
+                await msg.respond(encode(TaskResults(results=chunk)))
+            except nats.errors.Error as exc:
+                ids = ", ".join(a.task_id for a in chunk)
+                log.warning("tasks %s: results not sent: %s", ids, exc)
 
     # --- progress --------------------------------------------------------------
 
@@ -387,3 +498,18 @@ class Worker:
             for held in list(self._held.values()):
                 if not held.direct and now - held.last_report >= held.assignment.ack_wait / 3:
                     await self._report(held, None, "")
+
+
+def _chunks(answers: list[tuple[TaskResult, int]]) -> list[list[TaskResult]]:
+    """``answers`` (results with their encoded sizes) cut into TaskResults-sized lists."""
+    chunks: list[list[TaskResult]] = []
+    size = _RESULTS_FRAME
+    for answer, length in answers:
+        fits = size + 1 + length <= MAX_RESULTS_BYTES
+        if chunks and len(chunks[-1]) < MAX_BATCH_ASSIGNMENTS and fits:
+            chunks[-1].append(answer)
+            size += length + 1
+        else:
+            chunks.append([answer])
+            size = _RESULTS_FRAME + length
+    return chunks
