@@ -71,12 +71,14 @@ from fabric.tasks.agents import (
     controller_agents,
     retry_delay,
 )
+from fabric.tasks.atomic import AtomicWriter, allow_atomic
 from fabric.tasks.batch import (
     BatchRunner,
     ControllerFleet,
     exec_agent_id,
     parse_payload,
 )
+from fabric.tasks.lane import Lane
 from fabric.tasks.priority import SlotQueue, Ticket, by_priority
 from fabric.tasks.records import (
     STORE_ERRORS,
@@ -94,9 +96,11 @@ from fabric.tasks.records import (
     went_dead,
     with_progress,
 )
+from fabric.tasks.runs import Back, Run
 from fabric.tasks.stream import (
     DEAD_STREAM,
     DISPATCH_CONSUMER,
+    RECORDS_BUCKET,
     TASKS_STREAM,
     QueueSettings,
     dead_subject,
@@ -169,29 +173,12 @@ class DispatchSettings:
     view_ttl: float = 0.05
     watch_every: float = 0.5
     """How often a running task's agent is looked up in the view (lost: retry at once)."""
+    lane: bool = True
+    """Run fresh tasks through the batched lane (fabric.tasks.lane); False: every
+    task takes the one-by-one path."""
     shun_for: float = 5.0
     """An agent that did not answer (no responders, silent, lost) is not chosen
     for this long, even if the registry still lists it."""
-
-
-@dataclass(slots=True)
-class _Run:
-    task: Task
-    msg: Msg
-    agent_id: str
-    attempt: int
-    last_heard: float
-    progress: tuple[float | None, str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Back:
-    """The task goes back to the queue; ``counts``: an attempt was used."""
-
-    error: str
-    counts: bool
-    shun: bool = False
-    """The agent did not answer at all: leave it out of choices for a while."""
 
 
 _ONE_SHOT = Candidate("", None, frozenset({EXEC_TASK_TYPE}))
@@ -251,7 +238,7 @@ class Dispatcher:
         self.store: RecordStore | None = None
         self.by_agent: Counter[str] = Counter()
         self.by_type: Counter[str] = Counter()
-        self.runs: dict[str, _Run] = {}
+        self.runs: dict[str, Run] = {}
         self.counts: Counter[str] = Counter()
         self.ready = asyncio.Event()
         self._held = 0
@@ -261,6 +248,8 @@ class Dispatcher:
         self.slots = SlotQueue()
         """Tasks held here waiting for a slot, best first per type."""
         self._arrivals = 0
+        self.lane: Lane | None = None
+        """Runs fresh tasks in batches (fabric.tasks.lane); None until run() sets it up."""
 
     @classmethod
     def for_controller(
@@ -299,19 +288,37 @@ class Dispatcher:
         given_up = await self.nc.subscribe(
             MAX_DELIVERIES_ADVISORY, queue="fabric-dispatch", cb=self._on_max_deliveries
         )
+        if self.settings.lane:
+            self.lane = await self._open_lane()
         try:
             async with asyncio.TaskGroup() as tg:
-                sweeper = None
+                helpers = []
                 if self.batch is not None:
-                    sweeper = tg.create_task(self.batch.sweep_forever())
+                    helpers.append(tg.create_task(self.batch.sweep_forever()))
+                if self.lane is not None:
+                    helpers.append(tg.create_task(self.lane.watch_forever()))
                 self.ready.set()
                 await self._fetch_loop(psub, tg)
-                if sweeper is not None:
-                    sweeper.cancel()  # the connection closed: nothing to sweep with
+                for helper in helpers:
+                    helper.cancel()  # the connection closed: nothing to do with it
         finally:
+            if self.lane is not None:
+                await self.lane.stop()
             for sub in (psub, progress, given_up):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _open_lane(self) -> Lane:
+        """The batched lane, its writes in atomic batches where the server allows."""
+        timeout = self.settings.event_timeout
+        records_stream = f"KV_{RECORDS_BUCKET}"
+        atomic = await allow_atomic(self.js, records_stream)
+        records = AtomicWriter(self.nc, records_stream, atomic=atomic, timeout=timeout)
+        atomic = self._events_stream and await allow_atomic(self.js, EVENTS_STREAM)
+        events = AtomicWriter(self.nc, EVENTS_STREAM, atomic=atomic, timeout=timeout)
+        lane = Lane(self, records, events)
+        await lane.start()
+        return lane
 
     async def _has_events_stream(self) -> bool:
         """True when EVENTS exists (a controller made it before starting us)."""
@@ -352,25 +359,46 @@ class Dispatcher:
                 continue
             # Best first, so a batch with more tasks than free slots gives them
             # to the higher priorities (see fabric.tasks.priority).
-            for msg in by_priority(msgs, _peek_priority):
-                self._held += 1
-                self._arrivals += 1
-                tg.create_task(self._guarded(msg, self._arrivals))
+            ordered = by_priority(msgs, _peek_priority)
+            self._held += len(ordered)
+            if self.lane is not None:
+                await self.lane.take(ordered, tg)
+                continue
+            for msg in ordered:
+                tg.create_task(self._guarded(msg, self.arrive()))
 
-    async def _guarded(self, msg: Msg, arrival: int = 0) -> None:
+    def arrive(self) -> int:
+        """The next arrival number (first come first served within a priority)."""
+        self._arrivals += 1
+        return self._arrivals
+
+    async def _guarded(self, msg: Msg, arrival: int = 0, task: Task | None = None) -> None:
+        """Handle one message (``task``: decoded and admitted already), then let it go."""
         try:
-            await self._handle(msg, arrival)
+            if task is None:
+                await self._handle(msg, arrival)
+            else:
+                await self._handle_task(msg, task, arrival)
         except Exception as exc:
-            # A store or connection failure: the task goes back and is tried again.
-            log.warning("task %s: %s: %s", msg.subject, type(exc).__name__, exc)
-            self.counts["errors"] += 1
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=self.settings.handback_delay)
+            await self.give_back(msg, exc)
         finally:
-            self._held -= 1
-            await self._notify()
+            await self.let_go()
+
+    async def give_back(self, msg: Msg, exc: Exception) -> None:
+        """A store or connection failure: the task goes back and is tried again."""
+        log.warning("task %s: %s: %s", msg.subject, type(exc).__name__, exc)
+        self.counts["errors"] += 1
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=self.settings.handback_delay)
+
+    async def let_go(self) -> None:
+        """One held message is settled: room for another fetch."""
+        self._held -= 1
+        await self._notify()
 
     async def _notify(self) -> None:
+        if self.lane is not None:
+            self.lane.poke()
         async with self._changed:
             self._changed.notify_all()
 
@@ -395,8 +423,12 @@ class Dispatcher:
     # --- one task ------------------------------------------------------------
 
     async def _handle(self, msg: Msg, arrival: int = 0) -> None:
-        store = self.store
-        assert store is not None
+        task = await self.intake(msg)
+        if task is not None:
+            await self._handle_task(msg, task, arrival)
+
+    async def intake(self, msg: Msg) -> Task | None:
+        """The task to run, or None: not a task or not admitted (termed, counted)."""
         try:
             task = decode(msg.data, Task, max_bytes=MAX_TASK_PAYLOAD_BYTES)
             if msg.subject != subjects.task_queue(task.type):
@@ -408,12 +440,13 @@ class Dispatcher:
             log.warning("refusing message on %s: %s", msg.subject, exc)
             self.counts["refused"] += 1
             await msg.term()
-            return
+            return None
         # The submit token (fabric.tasks.admission): refused tasks are recorded and termed.
-        admitted = await admit(self, msg, task)
-        if admitted is None:
-            return
-        task = admitted
+        return await admit(self, msg, task)
+
+    async def _handle_task(self, msg: Msg, task: Task, arrival: int = 0) -> None:
+        store = self.store
+        assert store is not None
         stored: Stored | None = None
         if msg.metadata.num_delivered > 1:
             # Seen before: maybe finished already (an ack that was lost), or spent.
@@ -436,20 +469,27 @@ class Dispatcher:
                 return
         choice = await self._place(task, msg, arrival)
         if isinstance(choice, tuple):
-            reason, delay = choice
-            if stored is None:
-                stored, created = await store.claim(task, self.name)
-                if not created and await self._finished(msg, task, stored):
-                    return
-            if stored.record.waiting != reason:
-                stored = await store.save(stored, lambda r: waiting(r, reason))
-            self.counts["waiting"] += 1
-            await msg.nak(delay=delay)
+            await self.not_now(msg, task, stored, *choice)
             return
         if command is not None:
             await self._run_exec(msg, task, stored, command)
             return
         await self._run(msg, task, stored, choice)
+
+    async def not_now(
+        self, msg: Msg, task: Task, stored: Stored | None, reason: str, delay: float
+    ) -> None:
+        """The task cannot run yet: say why in its record, and let it come back later."""
+        store = self.store
+        assert store is not None
+        if stored is None:
+            stored, created = await store.claim(task, self.name)
+            if not created and await self._finished(msg, task, stored):
+                return
+        if stored.record.waiting != reason:
+            stored = await store.save(stored, lambda r: waiting(r, reason))
+        self.counts["waiting"] += 1
+        await msg.nak(delay=delay)
 
     async def _finished(self, msg: Msg, task: Task, stored: Stored) -> bool:
         """Settle a task with nothing left to run: final already (ack), or out of
@@ -495,7 +535,7 @@ class Dispatcher:
         hold_until = loop.time() + settings.busy_hold
         kept_at = loop.time()
         while True:
-            taken = self._take_slot(task, msg, ticket)
+            taken = self.take_slot(task, msg, ticket)
             if not isinstance(taken, str):
                 return taken
             reason = taken
@@ -509,7 +549,7 @@ class Dispatcher:
                 async with self._changed, asyncio.timeout(min(hold_until - now, 0.25)):
                     await self._changed.wait()
 
-    def _take_slot(
+    def take_slot(
         self, task: Task, msg: Msg, ticket: Ticket
     ) -> Candidate | tuple[str, float] | str:
         """A slot taken (the agent, reserved), a reason to give up now and its nak
@@ -546,14 +586,14 @@ class Dispatcher:
         def start(record: TaskRecord) -> TaskRecord:
             return started(record, agent.agent_id, agent.node_id, self.name)
 
-        run: _Run | None = None
+        run: Run | None = None
         try:
             begun = await self._record_start(msg, task, stored, start)
             if begun is None:
                 return
             stored = begun
             attempt = stored.record.attempts + 1
-            run = _Run(task, msg, agent.agent_id, attempt, asyncio.get_running_loop().time())
+            run = Run(task, msg, agent.agent_id, attempt, asyncio.get_running_loop().time())
             self.runs[task.id] = run
             assignment = TaskAssignment(task=task, attempt=attempt, ack_wait=self.ack_wait)
             timeout = self.settings.run_timeout
@@ -566,12 +606,16 @@ class Dispatcher:
         finally:
             if run is not None:
                 self.runs.pop(task.id, None)
-            self.by_agent[agent.agent_id] -= 1
-            if self.by_agent[agent.agent_id] <= 0:
-                del self.by_agent[agent.agent_id]
-            self.by_type[task.type] -= 1
+            self.release(agent.agent_id, task.type)
             await self._notify()
-        await self._settle(msg, task, stored, outcome, run.attempt, agent)
+        await self.settle(msg, task, stored, outcome, run.attempt, agent)
+
+    def release(self, agent_id: str, task_type: str) -> None:
+        """Give back the slot :meth:`take_slot` reserved."""
+        self.by_agent[agent_id] -= 1
+        if self.by_agent[agent_id] <= 0:
+            del self.by_agent[agent_id]
+        self.by_type[task_type] -= 1
 
     async def _record_start(
         self,
@@ -651,11 +695,11 @@ class Dispatcher:
         if node_id is not None:
             stored = await store.save(stored, _on_node(node_id))
         agent = Candidate(outcome.agent_id, node_id, frozenset({EXEC_TASK_TYPE}))
-        await self._settle(msg, task, stored, outcome, attempt, agent)
+        await self.settle(msg, task, stored, outcome, attempt, agent)
 
     async def _watch(
-        self, request: asyncio.Task[Msg], run: _Run, stored: Stored
-    ) -> tuple[TaskResult | _Back, Stored]:
+        self, request: asyncio.Task[Msg], run: Run, stored: Stored
+    ) -> tuple[TaskResult | Back, Stored]:
         """Wait for the reply, keeping the message alive and the agent watched."""
         store = self.store
         assert store is not None
@@ -672,10 +716,10 @@ class Dispatcher:
                     await run.msg.in_progress()
                     kept_at = loop.time()
                 if run.agent_id not in self.agents():
-                    lost = _Back(f"agent {run.agent_id} stopped running it", counts=True, shun=True)
+                    lost = Back(f"agent {run.agent_id} stopped running it", counts=True, shun=True)
                     return lost, stored
                 if loop.time() - run.last_heard > self.ack_wait:
-                    silent = _Back(f"agent {run.agent_id} went silent", counts=True, shun=True)
+                    silent = Back(f"agent {run.agent_id} went silent", counts=True, shun=True)
                     return silent, stored
                 if run.progress is not None:
                     stored = await store.save(stored, _progress_change(*run.progress))
@@ -683,33 +727,33 @@ class Dispatcher:
         finally:
             request.cancel()
 
-    def _reply(self, request: asyncio.Task[Msg], run: _Run) -> TaskResult | _Back:
+    def _reply(self, request: asyncio.Task[Msg], run: Run) -> TaskResult | Back:
         try:
             reply = request.result()
         except nats.errors.NoRespondersError:
-            return _Back(f"agent {run.agent_id} is not taking tasks", counts=False, shun=True)
+            return Back(f"agent {run.agent_id} is not taking tasks", counts=False, shun=True)
         except (nats.errors.TimeoutError, TimeoutError):
-            return _Back(f"no result from agent {run.agent_id} in time", counts=True)
+            return Back(f"no result from agent {run.agent_id} in time", counts=True)
         except nats.errors.Error as exc:
-            return _Back(f"could not reach agent {run.agent_id}: {exc}", counts=False)
+            return Back(f"could not reach agent {run.agent_id}: {exc}", counts=False)
         try:
             result = decode(reply.data, TaskResult, max_bytes=_MAX_REPLY)
         except ContractError as exc:
             try:
                 refusal = decode(reply.data, ErrorReply, max_bytes=_MAX_REPLY)
             except ContractError:
-                return _Back(f"bad reply from agent {run.agent_id}: {exc}", counts=True)
-            return _Back(f"{refusal.code.value}: {refusal.message}", counts=True)
+                return Back(f"bad reply from agent {run.agent_id}: {exc}", counts=True)
+            return Back(f"{refusal.code.value}: {refusal.message}", counts=True)
         if result.task_id != run.task.id or result.attempt != run.attempt:
-            return _Back(f"agent {run.agent_id} answered for another task", counts=True)
+            return Back(f"agent {run.agent_id} answered for another task", counts=True)
         return result
 
-    async def _settle(
+    async def settle(
         self,
         msg: Msg,
         task: Task,
         stored: Stored,
-        outcome: TaskResult | _Back,
+        outcome: TaskResult | Back,
         attempt: int,
         agent: Candidate,
     ) -> None:
@@ -726,9 +770,9 @@ class Dispatcher:
             await msg.ack()
             return
         if isinstance(outcome, TaskResult) and outcome.outcome is TaskOutcome.RETRY:
-            outcome = _Back(outcome.error or f"handed back by agent {agent.agent_id}", False)
+            outcome = Back(outcome.error or f"handed back by agent {agent.agent_id}", False)
         elif isinstance(outcome, TaskResult):
-            outcome = _Back(outcome.error or "failed", counts=True)
+            outcome = Back(outcome.error or "failed", counts=True)
         if outcome.shun:
             until = asyncio.get_running_loop().time() + self.settings.shun_for
             self._shunned[agent.agent_id] = until
@@ -837,6 +881,33 @@ class Dispatcher:
         acknowledged task therefore always has its event stored, also across the
         loss of a NATS server. ``must_store=False`` (an attempt's
         ``task.failed``, the max-deliveries path) only counts a failure.
+        """
+        subject, payload, headers = self.event_message(kind, record)
+        if not self._events_stream:
+            # No EVENTS stream (a bare dispatcher): nothing would store it anyway.
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(subject, payload, headers=headers)
+            return
+        try:
+            await self.js.publish(
+                subject, payload, timeout=self.settings.event_timeout, headers=headers
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            self.not_stored(headers["Nats-Msg-Id"], exc, must_store=must_store)
+
+    def not_stored(self, event_id: str, exc: BaseException, *, must_store: bool = True) -> None:
+        self.counts["events_not_stored"] += 1
+        if must_store:
+            raise EventNotStored(f"event {event_id} not stored: {exc!r}") from exc
+        log.info("event %s not stored: %r", event_id, exc)
+
+    @property
+    def stores_events(self) -> bool:
+        """True when EVENTS exists, so a final event must be confirmed stored."""
+        return self._events_stream
+
+    def event_message(self, kind: str, record: TaskRecord) -> tuple[str, bytes, dict[str, str]]:
+        """The task's CloudEvent: subject, body and headers.
 
         The event id is fixed per task and outcome (per attempt for
         ``task.failed``) and doubles as ``Nats-Msg-Id``, so publishing it again
@@ -856,27 +927,12 @@ class Dispatcher:
         if duration is not None:
             data["duration"] = round(duration, 6)
         actor = record.submitted_by or None
-        event = make_event(kind, source=self.source, subject=record.id, data=data, actor=actor)
         event_id = f"{record.id}.{kind}"
         if kind == "task.failed":
             event_id += f".{record.attempts}"
+        event = make_event(kind, source=self.source, subject=record.id, data=data, actor=actor)
         event = msgspec.structs.replace(event, id=event_id)
-        headers = {"Nats-Msg-Id": event_id}
-        subject, payload = subjects.event(kind), encode(event)
-        if not self._events_stream:
-            # No EVENTS stream (a bare dispatcher): nothing would store it anyway.
-            with contextlib.suppress(nats.errors.Error):
-                await self.nc.publish(subject, payload, headers=headers)
-            return
-        try:
-            await self.js.publish(
-                subject, payload, timeout=self.settings.event_timeout, headers=headers
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            self.counts["events_not_stored"] += 1
-            if must_store:
-                raise EventNotStored(f"event {event_id} not stored: {exc!r}") from exc
-            log.info("event %s not stored: %r", event_id, exc)
+        return subjects.event(kind), encode(event), {"Nats-Msg-Id": event_id}
 
 
 def _on_node(node_id: str) -> Callable[[TaskRecord], TaskRecord]:

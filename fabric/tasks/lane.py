@@ -1,0 +1,493 @@
+"""The batched lane: how a dispatcher runs a fetched batch of fresh tasks.
+
+The one-by-one path (:class:`~fabric.tasks.dispatch.Dispatcher`) costs a
+request/reply and three stored writes, each with its own round trip, per
+task; at a few thousand tasks a second the controller's one Python core is
+spent on round trips. A task seen for the first time, with a slot free on a
+capable agent right away, takes this lane instead, which does the same
+steps for many tasks at once::
+
+    fetched batch ─▶ admit each ─▶ slot free now? ──no──▶ the one-by-one path
+      ─▶ records created ``running`` (one atomic batch, each expecting no record;
+         a task whose record exists already takes the one-by-one path)
+      ─▶ one TaskBatch per agent on agents.<id>.tasks (reply: this lane's inbox)
+      ◀─ TaskResults, several per message as they finish
+      ├─ succeeded ─▶ record ``succeeded`` (expecting the ``running`` revision)
+      │              ─▶ events.task.succeeded stored ─▶ ack
+      └─ anything else, or a record that changed meanwhile ─▶ Dispatcher.settle,
+                       exactly as the one-by-one path settles it
+
+Writes go through :class:`~fabric.tasks.atomic.AtomicWriter`: the records
+or events written while the previous commit is in flight share one atomic
+batch and one PubAck. Every guarantee of the one-by-one path holds: a task
+is acked only after its final record and its event are stored; a record is
+only written at the revision it was read at; a run whose agent leaves the
+view, goes silent for ``ack_wait`` or passes its deadline goes back at once
+(the watch below, every ``watch_every``); in-progress keeps the message
+alive. Redeliveries, retries, ``exec`` tasks and tasks past their deadline
+never take the lane: they need the record read first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from fabric.tasks.agents import Candidate
+from fabric.tasks.atomic import AtomicWriter, WriteRefused, Written
+from fabric.tasks.priority import Ticket, rank
+from fabric.tasks.records import (
+    Stored,
+    TaskRecord,
+    encode_record,
+    new_record,
+    started,
+    succeeded,
+    with_progress,
+)
+from fabric.tasks.runs import Back, Run
+from fabric.tasks.stream import RECORDS_BUCKET
+from schemas import subjects
+from schemas.codec import decode, encode
+from schemas.common import utc_now
+from schemas.errors import ContractError, ErrorReply
+from schemas.task import (
+    BATCH_HEADER,
+    EXEC_TASK_TYPE,
+    MAX_BATCH_ASSIGNMENTS,
+    Task,
+    TaskAssignment,
+    TaskBatch,
+    TaskOutcome,
+    TaskResult,
+    TaskResults,
+)
+
+if TYPE_CHECKING:
+    from fabric.tasks.dispatch import Dispatcher
+
+__all__ = ["Lane"]
+
+log = logging.getLogger(__name__)
+
+_EXPECT = "Nats-Expected-Last-Subject-Sequence"
+_MAX_BATCH_BYTES = 512 * 1024
+"""Assignments per message are cut below this (server max_payload is 1 MiB+)."""
+_MAX_RESULTS_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _LaneRun:
+    run: Run
+    stored: Stored
+    agent: Candidate
+    batch: int
+    timeout_at: float
+    kept_at: float
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A fresh task waiting here for a slot; ranked like the dispatcher's waiters."""
+
+    msg: Msg
+    task: Task
+    arrival: int
+    ticket: Ticket
+    since: float
+
+    def __lt__(self, other: _Waiting) -> bool:
+        return rank(self.task.priority, self.arrival) < rank(other.task.priority, other.arrival)
+
+
+@dataclass(slots=True)
+class _Sent:
+    agent_id: str
+    runs: dict[str, _LaneRun] = field(default_factory=dict)
+
+
+class Lane:
+    """Runs fresh tasks in batches for one :class:`Dispatcher`; see the module docstring."""
+
+    def __init__(self, dispatcher: Dispatcher, records: AtomicWriter, events: AtomicWriter) -> None:
+        self.d = dispatcher
+        self.records = records
+        self.events = events
+        self.inbox = ""
+        self._sub: object | None = None
+        self._batches: dict[int, _Sent] = {}
+        self._numbers = itertools.count(1)
+        self._tg: asyncio.TaskGroup | None = None
+        self.live: dict[str, _LaneRun] = {}
+        self._waiting: dict[str, list[_Waiting]] = {}
+        self._pump_soon = False
+
+    # --- set-up ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        nc = self.d.nc
+        self.inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(f"{self.inbox}.*", cb=self._on_results)
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()  # type: ignore[attr-defined]
+
+    # --- intake ------------------------------------------------------------------
+
+    async def take(self, msgs: list[Msg], tg: asyncio.TaskGroup) -> None:
+        """Route a fetched batch (each message counted held already)."""
+        d = self.d
+        self._tg = tg
+        now = utc_now()
+        for msg in msgs:
+            arrival = d.arrive()
+            try:
+                task = await d.intake(msg)
+            except Exception as exc:
+                await d.give_back(msg, exc)
+                await d.let_go()
+                continue
+            if task is None:
+                await d.let_go()
+                continue
+            if not self._fits(msg, task, now):
+                tg.create_task(d._guarded(msg, arrival, task))
+                continue
+            ticket = d.slots.join(task.type, task.priority, arrival)
+            waiting = _Waiting(msg, task, arrival, ticket, asyncio.get_running_loop().time())
+            heapq.heappush(self._waiting.setdefault(task.type, []), waiting)
+        self._pump()
+
+    def _fits(self, msg: Msg, task: Task, now: datetime) -> bool:
+        """May this task take the lane at all (see the module docstring)?"""
+        if msg.metadata.num_delivered != 1 or task.retry:
+            return False
+        if self.d.batch is not None and task.type == EXEC_TASK_TYPE:
+            return False
+        return task.deadline is None or task.deadline > now
+
+    def _pump(self) -> None:
+        """Start every waiting task that has a slot now, best first per type."""
+        d = self.d
+        tg = self._tg
+        if tg is None:
+            return
+        group: list[tuple[_Waiting, Candidate]] = []
+        for task_type, heap in list(self._waiting.items()):
+            while heap:
+                first = heap[0]
+                taken = d.take_slot(first.task, first.msg, first.ticket)
+                if isinstance(taken, str):
+                    break  # busy: it and those ranked after it keep waiting
+                heapq.heappop(heap)
+                d.slots.leave(first.ticket)
+                if isinstance(taken, Candidate):
+                    group.append((first, taken))
+                else:
+                    # No agent serves the type (any more): the one-by-one path
+                    # records why and lets the task come back later.
+                    tg.create_task(self._not_now(first, *taken))
+            if not heap:
+                del self._waiting[task_type]
+        if group:
+            tg.create_task(self._start(group))
+
+    async def _not_now(self, waiting: _Waiting, reason: str, delay: float) -> None:
+        d = self.d
+        try:
+            await d.not_now(waiting.msg, waiting.task, None, reason, delay)
+        except Exception as exc:
+            await d.give_back(waiting.msg, exc)
+        finally:
+            await d.let_go()
+
+    def _expire(self, now: float) -> None:
+        """Tasks that waited ``busy_hold`` for a slot go back to the queue."""
+        hold = self.d.settings.busy_hold
+        tg = self._tg
+        if tg is None:
+            return
+        for task_type, heap in list(self._waiting.items()):
+            late = [w for w in heap if now - w.since >= hold]
+            if not late:
+                continue
+            kept = [w for w in heap if now - w.since < hold]
+            heapq.heapify(kept)
+            if kept:
+                self._waiting[task_type] = kept
+            else:
+                del self._waiting[task_type]
+            for waiting in late:
+                reason = self.d.take_slot(waiting.task, waiting.msg, waiting.ticket)
+                self.d.slots.leave(waiting.ticket)
+                if isinstance(reason, Candidate):
+                    # A slot freed since the last pump: not late after all.
+                    tg.create_task(self._start([(waiting, reason)]))
+                    continue
+                why = reason if isinstance(reason, str) else reason[0]
+                tg.create_task(self._not_now(waiting, why, self.d.settings.handback_delay))
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(heap) for heap in self._waiting.values())
+
+    # --- starting ----------------------------------------------------------------
+
+    async def _start(self, group: list[tuple[_Waiting, Candidate]]) -> None:
+        d = self.d
+        tg = self._tg
+        assert tg is not None
+        records = [
+            started(new_record(w.task, d.name), agent.agent_id, agent.node_id, d.name)
+            for w, agent in group
+        ]
+        written = await asyncio.gather(
+            *(self._create(record) for record in records), return_exceptions=True
+        )
+        now = asyncio.get_running_loop().time()
+        by_agent: dict[str, list[_LaneRun]] = {}
+        for (w, agent), record, result in zip(group, records, written, strict=True):
+            task = w.task
+            if not isinstance(result, Written):
+                # A record exists already (or the write failed): the one-by-one
+                # path reads it and decides.
+                d.release(agent.agent_id, task.type)
+                tg.create_task(d._guarded(w.msg, w.arrival, task))
+                continue
+            run = Run(task, w.msg, agent.agent_id, 1, now)
+            timeout = d.settings.run_timeout
+            if task.deadline is not None:
+                timeout = max(0.1, min(timeout, (task.deadline - utc_now()).total_seconds()))
+            lane_run = _LaneRun(run, Stored(record, result.seq), agent, 0, now + timeout, now)
+            d.runs[task.id] = run
+            self.live[task.id] = lane_run
+            by_agent.setdefault(agent.agent_id, []).append(lane_run)
+        if len(by_agent) < len(group):
+            await d._notify()  # slots given back
+        for agent_id, runs in by_agent.items():
+            await self._send(agent_id, runs)
+
+    async def _create(self, record: TaskRecord) -> Written:
+        """The record, created ``running``; refused when one exists."""
+        data = encode_record(record)
+        return await self.records.write(_record_subject(record.id), data, {_EXPECT: "0"})
+
+    async def _send(self, agent_id: str, runs: list[_LaneRun]) -> None:
+        ack_wait = self.d.ack_wait
+        chunk: list[_LaneRun] = []
+        size = 0
+        for lane_run in runs:
+            weight = len(lane_run.run.msg.data) + 256
+            if chunk and (len(chunk) >= MAX_BATCH_ASSIGNMENTS or size + weight > _MAX_BATCH_BYTES):
+                await self._send_chunk(agent_id, chunk, ack_wait)
+                chunk, size = [], 0
+            chunk.append(lane_run)
+            size += weight
+        if chunk:
+            await self._send_chunk(agent_id, chunk, ack_wait)
+
+    async def _send_chunk(self, agent_id: str, chunk: list[_LaneRun], ack_wait: float) -> None:
+        number = next(self._numbers)
+        sent = _Sent(agent_id)
+        for lane_run in chunk:
+            lane_run.batch = number
+            sent.runs[lane_run.run.task.id] = lane_run
+        self._batches[number] = sent
+        batch = TaskBatch(
+            assignments=[
+                TaskAssignment(task=r.run.task, attempt=r.run.attempt, ack_wait=ack_wait)
+                for r in chunk
+            ]
+        )
+        try:
+            await self.d.nc.publish(
+                subjects.agent_tasks(agent_id),
+                encode(batch),
+                reply=f"{self.inbox}.{number}",
+                headers={BATCH_HEADER: "1"},
+            )
+        except nats.errors.Error as exc:
+            back = Back(f"could not reach agent {agent_id}: {exc}", counts=False)
+            for lane_run in chunk:
+                self._finish(lane_run, back)
+
+    # --- results -----------------------------------------------------------------
+
+    async def _on_results(self, msg: Msg) -> None:
+        try:
+            number = int(msg.subject.rsplit(".", 1)[1])
+        except ValueError:
+            return
+        sent = self._batches.get(number)
+        if sent is None:
+            return
+        d = self.d
+        if msg.headers and msg.headers.get("Status") == "503":
+            back = Back(f"agent {sent.agent_id} is not taking tasks", counts=False, shun=True)
+            self._finish_all(sent, back)
+            return
+        try:
+            answer = decode(msg.data, TaskResults, max_bytes=_MAX_RESULTS_BYTES)
+        except ContractError as exc:
+            try:
+                refusal = decode(msg.data, ErrorReply, max_bytes=_MAX_RESULTS_BYTES)
+                why = f"{refusal.code.value}: {refusal.message}"
+            except ContractError:
+                why = f"bad reply from agent {sent.agent_id}: {exc}"
+            d.counts["bad_results"] += 1
+            self._finish_all(sent, Back(why, counts=True))
+            return
+        for result in answer.results:
+            lane_run = sent.runs.get(result.task_id)
+            if (
+                lane_run is None
+                or result.attempt != lane_run.run.attempt
+                or result.agent_id != sent.agent_id
+            ):
+                d.counts["bad_results"] += 1
+                continue
+            self._finish(lane_run, result)
+
+    def _finish_all(self, sent: _Sent, outcome: Back) -> None:
+        for lane_run in list(sent.runs.values()):
+            self._finish(lane_run, outcome)
+
+    def _finish(self, lane_run: _LaneRun, outcome: TaskResult | Back) -> None:
+        """The run is over (once): free its slot and settle it."""
+        task = lane_run.run.task
+        if self.live.get(task.id) is not lane_run:
+            return
+        del self.live[task.id]
+        sent = self._batches.get(lane_run.batch)
+        if sent is not None:
+            sent.runs.pop(task.id, None)
+            if not sent.runs:
+                del self._batches[lane_run.batch]
+        d = self.d
+        if d.runs.get(task.id) is lane_run.run:
+            del d.runs[task.id]
+        d.release(lane_run.agent.agent_id, task.type)
+        tg = self._tg
+        assert tg is not None
+        tg.create_task(self._settle(lane_run, outcome))
+        self.poke()
+
+    def poke(self) -> None:
+        """A slot may have freed: pump once this loop turn, however many freed."""
+        if self._waiting and not self._pump_soon:
+            self._pump_soon = True
+            asyncio.get_running_loop().call_soon(self._pumped)
+
+    def _pumped(self) -> None:
+        self._pump_soon = False
+        self._pump()
+
+    async def _settle(self, lane_run: _LaneRun, outcome: TaskResult | Back) -> None:
+        d = self.d
+        run = lane_run.run
+        msg, task = run.msg, run.task
+        try:
+            await d._notify()
+            succeeded_now = (
+                isinstance(outcome, TaskResult)
+                and outcome.outcome is TaskOutcome.SUCCEEDED
+                and await self._succeed(lane_run, outcome)
+            )
+            if succeeded_now:
+                return
+            await d.settle(msg, task, lane_run.stored, outcome, run.attempt, lane_run.agent)
+        except Exception as exc:
+            await d.give_back(msg, exc)
+        finally:
+            await d.let_go()
+
+    async def _succeed(self, lane_run: _LaneRun, result: TaskResult) -> bool:
+        """Record, event, ack; False when the record changed meanwhile (settle it
+        the careful way)."""
+        d = self.d
+        stored = lane_run.stored
+        record = succeeded(stored.record, result)
+        try:
+            await self.records.write(
+                _record_subject(record.id), encode_record(record), {_EXPECT: str(stored.revision)}
+            )
+        except WriteRefused as exc:
+            if exc.wrong_last_sequence:
+                return False
+            raise
+        subject, payload, headers = d.event_message("task.succeeded", record)
+        if d.stores_events:
+            try:
+                await self.events.write(subject, payload, headers)
+            except (nats.errors.Error, TimeoutError, WriteRefused) as exc:
+                d.not_stored(headers["Nats-Msg-Id"], exc)
+        else:
+            with contextlib.suppress(nats.errors.Error):
+                await d.nc.publish(subject, payload, headers=headers)
+        d.counts["succeeded"] += 1
+        await lane_run.run.msg.ack()
+        return True
+
+    # --- the watch ---------------------------------------------------------------
+
+    async def watch_forever(self) -> None:
+        """Keep running lane tasks alive and send back those whose agent is gone."""
+        d = self.d
+        loop = asyncio.get_running_loop()
+        keep_every = d.ack_wait / 3
+        while True:
+            await asyncio.sleep(min(keep_every, d.settings.watch_every))
+            now = loop.time()
+            if self._waiting:
+                # Slots also free up outside this lane (the one-by-one path).
+                self._pump()
+                self._expire(now)
+            if not self.live:
+                continue
+            view = d.agents()
+            for lane_run in list(self.live.values()):
+                run = lane_run.run
+                if run.agent_id not in view:
+                    why = f"agent {run.agent_id} stopped running it"
+                    self._finish(lane_run, Back(why, counts=True, shun=True))
+                elif now - run.last_heard > d.ack_wait:
+                    why = f"agent {run.agent_id} went silent"
+                    self._finish(lane_run, Back(why, counts=True, shun=True))
+                elif now >= lane_run.timeout_at:
+                    why = f"no result from agent {run.agent_id} in time"
+                    self._finish(lane_run, Back(why, counts=True))
+                else:
+                    if now - lane_run.kept_at >= keep_every * 0.9:
+                        lane_run.kept_at = now
+                        with contextlib.suppress(nats.errors.Error):
+                            await run.msg.in_progress()
+                    if run.progress is not None and self._tg is not None:
+                        self._tg.create_task(self._save_progress(lane_run))
+
+    async def _save_progress(self, lane_run: _LaneRun) -> None:
+        run = lane_run.run
+        progress, run.progress = run.progress, None
+        store = self.d.store
+        if progress is None or store is None:
+            return
+        with contextlib.suppress(Exception):
+            fraction, text = progress
+            lane_run.stored = await store.save(
+                lane_run.stored, lambda r: with_progress(r, fraction, text)
+            )
+
+
+def _record_subject(task_id: str) -> str:
+    return f"$KV.{RECORDS_BUCKET}.{task_id}"
