@@ -29,7 +29,7 @@ from fabric.tasks.stream import QueueSettings
 from fabric.tokens import TokenIssuer
 from schemas.codec import decode
 from schemas.errors import ContractError, ErrorCode
-from schemas.task import TaskAssignment
+from schemas.task import BATCH_HEADER, TaskAssignment, TaskBatch
 
 
 @pytest.fixture
@@ -167,8 +167,12 @@ async def test_an_admitted_task_runs_and_its_worker_never_sees_the_token(
     ctl = await rig.clients("ctl-1")  # may listen on agents.>: sees the assignment
     assignments: list[TaskAssignment] = []
 
-    async def on_assignment(msg: object) -> None:
-        assignments.append(decode(msg.data, TaskAssignment))  # type: ignore[attr-defined]
+    async def on_assignment(msg: Msg) -> None:
+        # The dispatcher's batched lane sends a TaskBatch (header Fabric-Batch).
+        if (msg.headers or {}).get(BATCH_HEADER):
+            assignments.extend(decode(msg.data, TaskBatch).assignments)
+        else:
+            assignments.append(decode(msg.data, TaskAssignment))
 
     await ctl.subscribe("agents.wa.tasks", cb=on_assignment)
     await ctl.flush()
