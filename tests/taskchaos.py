@@ -60,7 +60,7 @@ from schemas import subjects
 from schemas.api import ApiResult
 from schemas.codec import decode
 from schemas.errors import ErrorCode, ErrorReply
-from schemas.task import TaskAssignment
+from schemas.task import BATCH_HEADER, TaskAssignment, TaskBatch
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -451,9 +451,13 @@ class Assignments:
         self.sprung = asyncio.Event()
 
     async def on_msg(self, msg: Msg) -> None:
-        task_id = decode(msg.data, TaskAssignment).task.id
+        if msg.headers and msg.headers.get(BATCH_HEADER) == "1":
+            ids = [a.task.id for a in decode(msg.data, TaskBatch).assignments]
+        else:
+            ids = [decode(msg.data, TaskAssignment).task.id]
         sender = msg.reply.rsplit(".", 1)[0]
-        self.seen.append((asyncio.get_running_loop().time(), sender, task_id))
+        now = asyncio.get_running_loop().time()
+        self.seen.extend((now, sender, task_id) for task_id in ids)
         if self._trap is not None and self._trap[0] == sender:
             then, self._trap = self._trap[1], None
             then()

@@ -85,14 +85,17 @@ def _future() -> asyncio.Future[Written]:
     return asyncio.get_running_loop().create_future()
 
 
-async def allow_atomic(js: JetStreamContext, stream: str) -> bool:
-    """Turn on ``allow_atomic`` for ``stream``; False when the server cannot."""
+async def allow_atomic(js: JetStreamContext, stream: str, *, direct: bool = False) -> bool:
+    """Turn on ``allow_atomic`` (and ``allow_direct`` with ``direct``) for ``stream``;
+    False when the server cannot."""
     try:
         info = await js.stream_info(stream)
         config = info.config
-        if config.allow_atomic:
+        if config.allow_atomic and (config.allow_direct or not direct):
             return True
         config.allow_atomic = True
+        if direct:
+            config.allow_direct = True
         await js.update_stream(config)
         return True
     except (nats.errors.Error, TimeoutError) as exc:

@@ -176,6 +176,9 @@ class DispatchSettings:
     lane: bool = True
     """Run fresh tasks through the batched lane (fabric.tasks.lane); False: every
     task takes the one-by-one path."""
+    running_after: float = 1.0
+    """A lane task's ``running`` record is written once it has run this long (or
+    reports progress); a shorter one only gets its final record."""
     shun_for: float = 5.0
     """An agent that did not answer (no responders, silent, lost) is not chosen
     for this long, even if the registry still lists it."""
@@ -308,12 +311,15 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
-    async def _open_lane(self) -> Lane:
-        """The batched lane, its writes in atomic batches where the server allows."""
+    async def _open_lane(self) -> Lane | None:
+        """The batched lane, or None when the records stream cannot serve it (it
+        needs atomic batches and direct gets: nats-server 2.12+)."""
         timeout = self.settings.event_timeout
         records_stream = f"KV_{RECORDS_BUCKET}"
-        atomic = await allow_atomic(self.js, records_stream)
-        records = AtomicWriter(self.nc, records_stream, atomic=atomic, timeout=timeout)
+        if not await allow_atomic(self.js, records_stream, direct=True):
+            log.warning("the batched task lane is off: %s cannot take it", records_stream)
+            return None
+        records = AtomicWriter(self.nc, records_stream, timeout=timeout)
         atomic = self._events_stream and await allow_atomic(self.js, EVENTS_STREAM)
         events = AtomicWriter(self.nc, EVENTS_STREAM, atomic=atomic, timeout=timeout)
         lane = Lane(self, records, events)

@@ -4,28 +4,37 @@ The one-by-one path (:class:`~fabric.tasks.dispatch.Dispatcher`) costs a
 request/reply and three stored writes, each with its own round trip, per
 task; at a few thousand tasks a second the controller's one Python core is
 spent on round trips. A task seen for the first time, with a slot free on a
-capable agent right away, takes this lane instead, which does the same
-steps for many tasks at once::
+capable agent, takes this lane instead, which does the same steps for many
+tasks at once::
 
-    fetched batch ─▶ admit each ─▶ slot free now? ──no──▶ the one-by-one path
-      ─▶ records created ``running`` (one atomic batch, each expecting no record;
-         a task whose record exists already takes the one-by-one path)
+    fetched batch ─▶ admit each ─▶ wait here for a slot (best first, busy_hold)
+      ─▶ which have a record already? (one batch direct get on the records
+         stream; those take the one-by-one path, which reads and decides)
       ─▶ one TaskBatch per agent on agents.<id>.tasks (reply: this lane's inbox)
       ◀─ TaskResults, several per message as they finish
-      ├─ succeeded ─▶ record ``succeeded`` (expecting the ``running`` revision)
-      │              ─▶ events.task.succeeded stored ─▶ ack
+      ├─ succeeded ─▶ record ``succeeded`` (expecting no record, or the
+      │              ``running`` one) ─▶ events.task.succeeded stored ─▶ ack
       └─ anything else, or a record that changed meanwhile ─▶ Dispatcher.settle,
                        exactly as the one-by-one path settles it
 
-Writes go through :class:`~fabric.tasks.atomic.AtomicWriter`: the records
-or events written while the previous commit is in flight share one atomic
-batch and one PubAck. Every guarantee of the one-by-one path holds: a task
-is acked only after its final record and its event are stored; a record is
-only written at the revision it was read at; a run whose agent leaves the
-view, goes silent for ``ack_wait`` or passes its deadline goes back at once
-(the watch below, every ``watch_every``); in-progress keeps the message
-alive. Redeliveries, retries, ``exec`` tasks and tasks past their deadline
-never take the lane: they need the record read first.
+A short task gets one record write, when it ends; one still running after
+``running_after`` (or reporting progress) gets its ``running`` record then,
+so ``fabric task get`` shows what runs for a while. Writes go through
+:class:`~fabric.tasks.atomic.AtomicWriter`: the records or events written
+while the previous commit is in flight share one atomic batch and one
+PubAck. Every guarantee of the one-by-one path holds: a task is acked only
+after its final record and its event are stored; a record is only written
+at the revision it was read at (an absent record counts as revision 0); a
+run whose agent leaves the view, goes silent for ``ack_wait`` or passes its
+deadline goes back at once (the watch below, every ``watch_every``);
+in-progress keeps the message alive. Redeliveries, retries, ``exec`` tasks
+and tasks past their deadline never take the lane: they need the record
+read first.
+
+The lookup is a read, and with replicas it may be answered by a follower a
+moment behind: the record writes that follow name the revision they expect,
+so a record written meanwhile is never overwritten, only (at worst) the
+handler of a task submitted again after its duplicate window runs again.
 """
 
 from __future__ import annotations
@@ -39,15 +48,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
 from fabric.tasks.agents import Candidate
-from fabric.tasks.atomic import AtomicWriter, WriteRefused, Written
+from fabric.tasks.atomic import AtomicWriter, WriteRefused
 from fabric.tasks.priority import Ticket, rank
 from fabric.tasks.records import (
     Stored,
-    TaskRecord,
     encode_record,
     new_record,
     started,
@@ -93,6 +102,18 @@ class _LaneRun:
     batch: int
     timeout_at: float
     kept_at: float
+    since: float
+    """Loop time the task was handed out."""
+    written: bool = False
+    """The ``running`` record is stored (else ``stored.revision`` is 0: none yet)."""
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """Which of some task ids have a record, as a batch direct get answers."""
+
+    done: asyncio.Future[set[str]]
+    found: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -129,6 +150,7 @@ class Lane:
         self._tg: asyncio.TaskGroup | None = None
         self.live: dict[str, _LaneRun] = {}
         self._waiting: dict[str, list[_Waiting]] = {}
+        self._lookups: dict[int, _Lookup] = {}
         self._pump_soon = False
 
     # --- set-up ------------------------------------------------------------------
@@ -136,7 +158,7 @@ class Lane:
     async def start(self) -> None:
         nc = self.d.nc
         self.inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(f"{self.inbox}.*", cb=self._on_results)
+        self._sub = await nc.subscribe(f"{self.inbox}.>", cb=self._on_reply)
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
@@ -249,28 +271,23 @@ class Lane:
         d = self.d
         tg = self._tg
         assert tg is not None
-        records = [
-            started(new_record(w.task, d.name), agent.agent_id, agent.node_id, d.name)
-            for w, agent in group
-        ]
-        written = await asyncio.gather(
-            *(self._create(record) for record in records), return_exceptions=True
-        )
+        existing = await self._records_of([w.task.id for w, _ in group])
         now = asyncio.get_running_loop().time()
         by_agent: dict[str, list[_LaneRun]] = {}
-        for (w, agent), record, result in zip(group, records, written, strict=True):
+        for w, agent in group:
             task = w.task
-            if not isinstance(result, Written):
-                # A record exists already (or the write failed): the one-by-one
-                # path reads it and decides.
+            if existing is None or task.id in existing:
+                # A record exists (or nobody could say): the one-by-one path
+                # reads it and decides.
                 d.release(agent.agent_id, task.type)
                 tg.create_task(d._guarded(w.msg, w.arrival, task))
                 continue
+            record = started(new_record(task, d.name), agent.agent_id, agent.node_id, d.name)
             run = Run(task, w.msg, agent.agent_id, 1, now)
             timeout = d.settings.run_timeout
             if task.deadline is not None:
                 timeout = max(0.1, min(timeout, (task.deadline - utc_now()).total_seconds()))
-            lane_run = _LaneRun(run, Stored(record, result.seq), agent, 0, now + timeout, now)
+            lane_run = _LaneRun(run, Stored(record, 0), agent, 0, now + timeout, now, now)
             d.runs[task.id] = run
             self.live[task.id] = lane_run
             by_agent.setdefault(agent.agent_id, []).append(lane_run)
@@ -279,10 +296,50 @@ class Lane:
         for agent_id, runs in by_agent.items():
             await self._send(agent_id, runs)
 
-    async def _create(self, record: TaskRecord) -> Written:
-        """The record, created ``running``; refused when one exists."""
-        data = encode_record(record)
-        return await self.records.write(_record_subject(record.id), data, {_EXPECT: "0"})
+    async def _records_of(self, task_ids: list[str]) -> set[str] | None:
+        """The ids among ``task_ids`` that have a record (one batch direct get per
+        256), or None when the store did not answer in time."""
+        found: set[str] = set()
+        for start in range(0, len(task_ids), _MAX_LOOKUP):
+            chunk = task_ids[start : start + _MAX_LOOKUP]
+            number = next(self._numbers)
+            lookup = _Lookup(asyncio.get_running_loop().create_future())
+            self._lookups[number] = lookup
+            request = {"multi_last": [_record_subject(i) for i in chunk], "batch": len(chunk)}
+            try:
+                await self.d.nc.publish(
+                    f"$JS.API.DIRECT.GET.KV_{RECORDS_BUCKET}",
+                    msgspec.json.encode(request),
+                    reply=f"{self.inbox}.g.{number}",
+                )
+                found |= await asyncio.wait_for(lookup.done, self.d.settings.event_timeout)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("task records lookup failed: %r", exc)
+                return None
+            finally:
+                del self._lookups[number]
+        return found
+
+    async def _write_running(self, lane_run: _LaneRun) -> None:
+        """Store the ``running`` record of a task that runs for a while (a short one
+        is only ever written when it ends)."""
+        run = lane_run.run
+        record = lane_run.stored.record
+        if run.progress is not None:
+            fraction, text = run.progress
+            run.progress = None
+            record = with_progress(record, fraction, text)
+        try:
+            written = await self.records.write(
+                _record_subject(record.id), encode_record(record), {_EXPECT: "0"}
+            )
+        except (nats.errors.Error, TimeoutError, WriteRefused) as exc:
+            # Its end settles it anyway (a conflict there takes the careful way).
+            log.info("task %s: running record not written: %r", record.id, exc)
+            return
+        if self.live.get(record.id) is lane_run and not lane_run.written:
+            lane_run.stored = Stored(record, written.seq)
+            lane_run.written = True
 
     async def _send(self, agent_id: str, runs: list[_LaneRun]) -> None:
         ack_wait = self.d.ack_wait
@@ -315,7 +372,7 @@ class Lane:
             await self.d.nc.publish(
                 subjects.agent_tasks(agent_id),
                 encode(batch),
-                reply=f"{self.inbox}.{number}",
+                reply=f"{self.inbox}.r.{number}",
                 headers={BATCH_HEADER: "1"},
             )
         except nats.errors.Error as exc:
@@ -325,11 +382,32 @@ class Lane:
 
     # --- results -----------------------------------------------------------------
 
-    async def _on_results(self, msg: Msg) -> None:
+    async def _on_reply(self, msg: Msg) -> None:
+        kind, _, tail = msg.subject[len(self.inbox) + 1 :].partition(".")
         try:
-            number = int(msg.subject.rsplit(".", 1)[1])
+            number = int(tail)
         except ValueError:
             return
+        if kind == "r":
+            await self._on_results(msg, number)
+        elif kind == "g":
+            self._on_lookup(msg, number)
+
+    def _on_lookup(self, msg: Msg, number: int) -> None:
+        lookup = self._lookups.get(number)
+        if lookup is None or lookup.done.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status in ("204", "404"):  # end of the batch; no record at all
+            lookup.done.set_result(lookup.found)
+        elif status is not None:
+            lookup.done.set_exception(nats.errors.Error(f"direct get: {status}"))
+        else:
+            subject = headers.get("Nats-Subject", "")
+            lookup.found.add(subject[len(_RECORD_PREFIX) :])
+
+    async def _on_results(self, msg: Msg, number: int) -> None:
         sent = self._batches.get(number)
         if sent is None:
             return
@@ -447,6 +525,7 @@ class Lane:
         d = self.d
         loop = asyncio.get_running_loop()
         keep_every = d.ack_wait / 3
+        running_after = d.settings.running_after
         while True:
             await asyncio.sleep(min(keep_every, d.settings.watch_every))
             now = loop.time()
@@ -473,7 +552,12 @@ class Lane:
                         lane_run.kept_at = now
                         with contextlib.suppress(nats.errors.Error):
                             await run.msg.in_progress()
-                    if run.progress is not None and self._tg is not None:
+                    if self._tg is None:
+                        continue
+                    if not lane_run.written:
+                        if run.progress is not None or now - lane_run.since >= running_after:
+                            self._tg.create_task(self._write_running(lane_run))
+                    elif run.progress is not None:
                         self._tg.create_task(self._save_progress(lane_run))
 
     async def _save_progress(self, lane_run: _LaneRun) -> None:
@@ -489,5 +573,9 @@ class Lane:
             )
 
 
+_RECORD_PREFIX = f"$KV.{RECORDS_BUCKET}."
+_MAX_LOOKUP = 256
+
+
 def _record_subject(task_id: str) -> str:
-    return f"$KV.{RECORDS_BUCKET}.{task_id}"
+    return _RECORD_PREFIX + task_id
