@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from natsfixtures import FabricPki
 from workers.rig import TaskRig, fast_settings, task_rig
 
+from fabric.tasks.agents import Candidate
 from fabric.tasks.client import make_task
 from fabric.tasks.records import (
     TaskState,
@@ -78,7 +79,7 @@ async def test_a_burst_goes_out_in_batches_and_every_task_succeeds(rig: TaskRig)
     assert (seen.assignments, seen.single) == (200, 0)
     assert seen.batches < 100
     assert dispatcher.lane is not None
-    assert dispatcher.lane.records.commits > 0  # records written in shared commits
+    assert dispatcher.counts["succeeded"] == 200 and dispatcher.lane.pipe.timeouts == 0
     # Ran exactly once each, as the workers' own ledger says.
     starts = [e["task"] for e in rig.entries("start")]
     assert sorted(starts) == sorted(ids)
@@ -171,3 +172,53 @@ async def test_without_the_lane_every_task_goes_one_by_one(rig: TaskRig) -> None
 
     assert dispatcher.lane is None
     assert (seen.batches, seen.single) == (0, 5)
+
+
+async def test_a_long_task_shows_running_in_its_record_a_short_one_does_not(
+    rig: TaskRig,
+) -> None:
+    await rig.dispatcher(fast_settings(running_after=0.2, watch_every=0.05))
+    await rig.worker("wa", "echo")
+    tasks = await rig.tasks()
+    gate = rig.base / "gate"
+
+    kv = await tasks.nc.jetstream().key_value("fabric_tasks")
+    watcher = await kv.watch("short-1")  # subscribed: sees every version from here
+    short = await tasks.submit("echo", {"n": 1}, task_id="short-1")
+    short_versions = []
+    async with asyncio.timeout(10):
+        async for entry in watcher:
+            if entry is not None and entry.value is not None:
+                short_versions.append(decode_record(entry.value).state)
+                if short_versions[-1] is TaskState.SUCCEEDED:
+                    break
+    await watcher.stop()  # type: ignore[no-untyped-call]
+    held = await tasks.submit("echo", {"gate": str(gate)})
+    versions = await rig.record_until(
+        tasks.nc, held.task.id, lambda r: r.state is TaskState.RUNNING, within=10
+    )
+    gate.touch()
+    record = await tasks.wait(held.task.id, within=10)
+
+    # The short one was written once, final; the held one first as running.
+    assert short.task.id == "short-1" and short_versions == [TaskState.SUCCEEDED]
+    running = versions[-1]
+    assert (running.agent_id, running.node_id, running.attempts) == ("wa", "n1", 0)
+    assert record.state is TaskState.SUCCEEDED and record.attempts == 1
+
+
+async def test_an_agent_nobody_listens_for_is_shunned_and_costs_no_attempt(
+    rig: TaskRig,
+) -> None:
+    dispatcher = await rig.dispatcher()
+    await rig.worker("wb", "echo")
+    # In the view, serving echo, chosen first (ties go by id), but no process.
+    rig.view["wa"] = Candidate("wa", "n1", frozenset({"echo"}))
+    tasks = await rig.tasks()
+
+    submitted = await tasks.submit("echo", {"n": 1})
+    record = await tasks.wait(submitted.task.id, within=15)
+
+    assert record.state is TaskState.SUCCEEDED
+    assert (record.agent_id, record.attempts) == ("wb", 1)
+    assert dispatcher.counts["handed_back"] >= 1

@@ -71,7 +71,6 @@ from fabric.tasks.agents import (
     controller_agents,
     retry_delay,
 )
-from fabric.tasks.atomic import AtomicWriter, allow_atomic
 from fabric.tasks.batch import (
     BatchRunner,
     ControllerFleet,
@@ -79,6 +78,7 @@ from fabric.tasks.batch import (
     parse_payload,
 )
 from fabric.tasks.lane import Lane
+from fabric.tasks.pipe import StoredPublisher
 from fabric.tasks.priority import SlotQueue, Ticket, by_priority
 from fabric.tasks.records import (
     STORE_ERRORS,
@@ -103,6 +103,7 @@ from fabric.tasks.stream import (
     RECORDS_BUCKET,
     TASKS_STREAM,
     QueueSettings,
+    allow_direct_get,
     dead_subject,
     ensure_task_state,
 )
@@ -312,17 +313,13 @@ class Dispatcher:
                     await sub.unsubscribe()
 
     async def _open_lane(self) -> Lane | None:
-        """The batched lane, or None when the records stream cannot serve it (it
-        needs atomic batches and direct gets: nats-server 2.12+)."""
-        timeout = self.settings.event_timeout
+        """The batched lane, or None when the records stream cannot serve its
+        lookups (batch direct gets: nats-server 2.11+)."""
         records_stream = f"KV_{RECORDS_BUCKET}"
-        if not await allow_atomic(self.js, records_stream, direct=True):
-            log.warning("the batched task lane is off: %s cannot take it", records_stream)
+        if not await allow_direct_get(self.js, records_stream):
+            log.warning("the batched task lane is off: %s has no direct gets", records_stream)
             return None
-        records = AtomicWriter(self.nc, records_stream, timeout=timeout)
-        atomic = self._events_stream and await allow_atomic(self.js, EVENTS_STREAM)
-        events = AtomicWriter(self.nc, EVENTS_STREAM, atomic=atomic, timeout=timeout)
-        lane = Lane(self, records, events)
+        lane = Lane(self, StoredPublisher(self.nc, timeout=self.settings.event_timeout))
         await lane.start()
         return lane
 
@@ -397,9 +394,9 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             await msg.nak(delay=self.settings.handback_delay)
 
-    async def let_go(self) -> None:
-        """One held message is settled: room for another fetch."""
-        self._held -= 1
+    async def let_go(self, count: int = 1) -> None:
+        """``count`` held messages are settled: room for more fetches."""
+        self._held -= count
         await self._notify()
 
     async def _notify(self) -> None:

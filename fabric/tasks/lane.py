@@ -20,16 +20,16 @@ tasks at once::
 A short task gets one record write, when it ends; one still running after
 ``running_after`` (or reporting progress) gets its ``running`` record then,
 so ``fabric task get`` shows what runs for a while. Writes go through
-:class:`~fabric.tasks.atomic.AtomicWriter`: the records or events written
-while the previous commit is in flight share one atomic batch and one
-PubAck. Every guarantee of the one-by-one path holds: a task is acked only
-after its final record and its event are stored; a record is only written
-at the revision it was read at (an absent record counts as revision 0); a
-run whose agent leaves the view, goes silent for ``ack_wait`` or passes its
-deadline goes back at once (the watch below, every ``watch_every``);
-in-progress keeps the message alive. Redeliveries, retries, ``exec`` tasks
-and tasks past their deadline never take the lane: they need the record
-read first.
+:class:`~fabric.tasks.pipe.StoredPublisher`: each is a stored publish
+whose PubAck comes back on one shared subscription, and the results that
+arrive together are written together. Every guarantee of the one-by-one
+path holds: a task is acked only after its final record and its event are
+stored; a record is only written at the revision it was read at (an absent
+record counts as revision 0); a run whose agent leaves the view, goes
+silent for ``ack_wait`` or passes its deadline goes back at once (the watch
+below, every ``watch_every``); in-progress keeps the message alive.
+Redeliveries, retries, ``exec`` tasks and tasks past their deadline never
+take the lane: they need the record read first.
 
 The lookup is a read, and with replicas it may be answered by a follower a
 moment behind: the record writes that follow name the revision they expect,
@@ -44,19 +44,21 @@ import contextlib
 import heapq
 import itertools
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
 from fabric.tasks.agents import Candidate
-from fabric.tasks.atomic import AtomicWriter, WriteRefused
+from fabric.tasks.pipe import StoredPublisher, WriteRefused, Written
 from fabric.tasks.priority import Ticket, rank
 from fabric.tasks.records import (
     Stored,
+    TaskRecord,
     encode_record,
     new_record,
     started,
@@ -139,10 +141,10 @@ class _Sent:
 class Lane:
     """Runs fresh tasks in batches for one :class:`Dispatcher`; see the module docstring."""
 
-    def __init__(self, dispatcher: Dispatcher, records: AtomicWriter, events: AtomicWriter) -> None:
+    def __init__(self, dispatcher: Dispatcher, pipe: StoredPublisher) -> None:
         self.d = dispatcher
-        self.records = records
-        self.events = events
+        self.pipe = pipe
+        """Where records and events are written (one PubAck subscription for both)."""
         self.inbox = ""
         self._sub: object | None = None
         self._batches: dict[int, _Sent] = {}
@@ -157,6 +159,7 @@ class Lane:
 
     async def start(self) -> None:
         nc = self.d.nc
+        await self.pipe.start()
         self.inbox = nc.new_inbox()
         self._sub = await nc.subscribe(f"{self.inbox}.>", cb=self._on_reply)
 
@@ -165,6 +168,7 @@ class Lane:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()  # type: ignore[attr-defined]
+        await self.pipe.stop()
 
     # --- intake ------------------------------------------------------------------
 
@@ -330,7 +334,7 @@ class Lane:
             run.progress = None
             record = with_progress(record, fraction, text)
         try:
-            written = await self.records.write(
+            written = await self.pipe.write(
                 _record_subject(record.id), encode_record(record), {_EXPECT: "0"}
             )
         except (nats.errors.Error, TimeoutError, WriteRefused) as exc:
@@ -427,6 +431,7 @@ class Lane:
             d.counts["bad_results"] += 1
             self._finish_all(sent, Back(why, counts=True))
             return
+        wins: list[tuple[_LaneRun, TaskResult]] = []
         for result in answer.results:
             lane_run = sent.runs.get(result.task_id)
             if (
@@ -436,7 +441,14 @@ class Lane:
             ):
                 d.counts["bad_results"] += 1
                 continue
-            self._finish(lane_run, result)
+            if not self._end(lane_run):
+                continue
+            if result.outcome is TaskOutcome.SUCCEEDED:
+                wins.append((lane_run, result))
+            else:
+                self._spawn(self._settle_one(lane_run, result))
+        if wins:
+            self._spawn(self._succeed_many(wins))
 
     def _finish_all(self, sent: _Sent, outcome: Back) -> None:
         for lane_run in list(sent.runs.values()):
@@ -444,9 +456,14 @@ class Lane:
 
     def _finish(self, lane_run: _LaneRun, outcome: TaskResult | Back) -> None:
         """The run is over (once): free its slot and settle it."""
+        if self._end(lane_run):
+            self._spawn(self._settle_one(lane_run, outcome))
+
+    def _end(self, lane_run: _LaneRun) -> bool:
+        """Forget a run and free its slot; False when it had ended already."""
         task = lane_run.run.task
         if self.live.get(task.id) is not lane_run:
-            return
+            return False
         del self.live[task.id]
         sent = self._batches.get(lane_run.batch)
         if sent is not None:
@@ -457,10 +474,13 @@ class Lane:
         if d.runs.get(task.id) is lane_run.run:
             del d.runs[task.id]
         d.release(lane_run.agent.agent_id, task.type)
+        self.poke()
+        return True
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         tg = self._tg
         assert tg is not None
-        tg.create_task(self._settle(lane_run, outcome))
-        self.poke()
+        tg.create_task(work)
 
     def poke(self) -> None:
         """A slot may have freed: pump once this loop turn, however many freed."""
@@ -472,51 +492,74 @@ class Lane:
         self._pump_soon = False
         self._pump()
 
-    async def _settle(self, lane_run: _LaneRun, outcome: TaskResult | Back) -> None:
+    async def _settle_one(self, lane_run: _LaneRun, outcome: TaskResult | Back) -> None:
+        """Settle one run the one-by-one path's way (Dispatcher.settle)."""
         d = self.d
         run = lane_run.run
-        msg, task = run.msg, run.task
         try:
             await d._notify()
-            succeeded_now = (
-                isinstance(outcome, TaskResult)
-                and outcome.outcome is TaskOutcome.SUCCEEDED
-                and await self._succeed(lane_run, outcome)
-            )
-            if succeeded_now:
-                return
-            await d.settle(msg, task, lane_run.stored, outcome, run.attempt, lane_run.agent)
+            await d.settle(run.msg, run.task, lane_run.stored, outcome, run.attempt, lane_run.agent)
         except Exception as exc:
-            await d.give_back(msg, exc)
+            await d.give_back(run.msg, exc)
         finally:
             await d.let_go()
 
-    async def _succeed(self, lane_run: _LaneRun, result: TaskResult) -> bool:
-        """Record, event, ack; False when the record changed meanwhile (settle it
-        the careful way)."""
+    async def _succeed_many(self, wins: list[tuple[_LaneRun, TaskResult]]) -> None:
+        """Final records, then events, then acks, for results that came together.
+
+        A record that changed meanwhile (another dispatcher, a running record
+        being written) is settled the careful way; a write that failed sends its
+        task back (its redelivery finds the final record, if it was stored, and
+        says its event again)."""
         d = self.d
-        stored = lane_run.stored
-        record = succeeded(stored.record, result)
+        settled = 0
         try:
-            await self.records.write(
-                _record_subject(record.id), encode_record(record), {_EXPECT: str(stored.revision)}
+            await d._notify()
+            records = [succeeded(lane_run.stored.record, result) for lane_run, result in wins]
+            written = await self.pipe.write_many(
+                [
+                    (
+                        _record_subject(record.id),
+                        encode_record(record),
+                        {_EXPECT: str(lane_run.stored.revision)},
+                    )
+                    for (lane_run, _), record in zip(wins, records, strict=True)
+                ]
             )
-        except WriteRefused as exc:
-            if exc.wrong_last_sequence:
-                return False
-            raise
-        subject, payload, headers = d.event_message("task.succeeded", record)
-        if d.stores_events:
-            try:
-                await self.events.write(subject, payload, headers)
-            except (nats.errors.Error, TimeoutError, WriteRefused) as exc:
-                d.not_stored(headers["Nats-Msg-Id"], exc)
-        else:
-            with contextlib.suppress(nats.errors.Error):
-                await d.nc.publish(subject, payload, headers=headers)
-        d.counts["succeeded"] += 1
-        await lane_run.run.msg.ack()
-        return True
+            final: list[tuple[_LaneRun, TaskRecord]] = []
+            for (lane_run, result), record, outcome in zip(wins, records, written, strict=True):
+                if isinstance(outcome, Written):
+                    final.append((lane_run, record))
+                elif isinstance(outcome, WriteRefused) and outcome.wrong_last_sequence:
+                    settled += 1  # its own settle lets it go
+                    self._spawn(self._settle_one(lane_run, result))
+                else:
+                    settled += 1
+                    await d.give_back(lane_run.run.msg, outcome)
+                    await d.let_go()
+            events = [d.event_message("task.succeeded", record) for _, record in final]
+            if d.stores_events:
+                stored = await self.pipe.write_many(events)
+            else:
+                stored = []
+                for subject, payload, headers in events:
+                    with contextlib.suppress(nats.errors.Error):
+                        await d.nc.publish(subject, payload, headers=headers)
+                    stored.append(Written(0))
+            for (lane_run, _), event, outcome in zip(final, events, stored, strict=True):
+                msg = lane_run.run.msg
+                if isinstance(outcome, Exception):
+                    d.counts["events_not_stored"] += 1
+                    log.info("event %s not stored: %r", event[2]["Nats-Msg-Id"], outcome)
+                    await d.give_back(msg, outcome)
+                    continue
+                d.counts["succeeded"] += 1
+                await msg.ack()
+        except Exception as exc:
+            # The connection went: every task not acked yet comes back by itself.
+            log.warning("lane: %d results not settled: %r", len(wins) - settled, exc)
+        finally:
+            await d.let_go(len(wins) - settled)
 
     # --- the watch ---------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -55,6 +56,7 @@ __all__ = [
     "RECORDS_BUCKET",
     "TASKS_STREAM",
     "QueueSettings",
+    "allow_direct_get",
     "dead_subject",
     "direct_subject",
     "ensure_task_state",
@@ -97,6 +99,21 @@ class QueueSettings:
     dead_max_age: float = 30 * 24 * 3600.0
     records_max_age: float = 7 * 24 * 3600.0
     """Task records expire after this long (KV bucket max age)."""
+
+
+async def allow_direct_get(js: JetStreamContext, stream: str) -> bool:
+    """Turn on ``allow_direct`` for ``stream`` (batch direct gets, nats-server 2.11+);
+    False when the server cannot."""
+    try:
+        info = await js.stream_info(stream)
+        config = info.config
+        if not config.allow_direct:
+            config.allow_direct = True
+            await js.update_stream(config)
+        return True
+    except (nats.errors.Error, TimeoutError) as exc:
+        log.info("stream %s: direct gets not available (%s)", stream, exc)
+        return False
 
 
 async def _consumer(js: JetStreamContext, config: ConsumerConfig) -> None:
