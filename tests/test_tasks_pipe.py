@@ -7,14 +7,17 @@ import uuid
 from collections.abc import AsyncIterator
 
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 from natsfixtures import Clients
 
 from fabric.nats_server import NatsServer
+from fabric.tasks.client import NewTask, TaskClient
 from fabric.tasks.pipe import StoredPublisher, WriteRefused, Written
 from fabric.tasks.stream import allow_direct_get
+from schemas.errors import ContractError, ErrorCode
 
 EXPECT = "Nats-Expected-Last-Subject-Sequence"
 
@@ -136,3 +139,20 @@ async def test_direct_gets_are_turned_on(stream: tuple[Client, str]) -> None:
 
 async def _ignore(msg: object) -> None:
     return None
+
+
+async def test_submit_many_ends_each_task_as_submit_would(
+    connect_as: Clients, nats_server: NatsServer
+) -> None:
+    # No TASKS stream on this server: every publish finds no responders, is
+    # tried again on its own until `within`, and ends with submit's error.
+    tasks = TaskClient(await connect_as("op-1"), submitted_by="op-1")
+
+    outcomes = await tasks.submit_many(
+        [NewTask("echo", {"n": 1}), NewTask("echo", id="Bad Id"), NewTask("echo")], within=0.5
+    )
+
+    first, bad, last = outcomes
+    assert isinstance(first, nats.js.errors.NoStreamResponseError)
+    assert isinstance(bad, ContractError) and bad.code is ErrorCode.INVALID_ID
+    assert isinstance(last, nats.js.errors.NoStreamResponseError)

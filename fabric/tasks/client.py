@@ -47,7 +47,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -61,6 +61,7 @@ from nats.js.kv import KeyValue
 
 from fabric.connect import js_publish
 from fabric.tasks.admission import SUBMIT_SCOPE
+from fabric.tasks.pipe import StoredPublisher, Written
 from fabric.tasks.records import DeadTask, TaskRecord, TaskState, decode_record
 from fabric.tasks.stream import (
     DEAD_STREAM,
@@ -303,37 +304,60 @@ class TaskClient:
         exception :meth:`submit` raises for it (ContractError for bad input,
         the publish's error once ``within`` seconds have passed). One task's
         failure does not stop the others.
+
+        The publishes go out back to back with their PubAcks gathered on one
+        subscription (:class:`~fabric.tasks.pipe.StoredPublisher`); a task whose
+        first publish is not confirmed (a timeout, a server lost) is published
+        again on its own, with the same ``Nats-Msg-Id``, until ``within``.
         """
         if window < 1:
             raise ValueError("window must be at least 1")
         outcomes: list[Submitted | Exception | None] = []
-        # One iterator shared by the lanes: each takes the next task without an
-        # await in between, so tasks are made (and tokens handed out) in order.
-        todo = enumerate(tasks)
-
-        async def lane() -> None:
-            for i, new in todo:
-                outcomes.append(None)
-                try:
-                    task, data = make_task(
-                        new.type,
-                        new.payload,
-                        task_id=new.id,
-                        priority=new.priority,
-                        deadline=new.deadline,
-                        max_attempts=new.max_attempts,
-                        submitted_by=self.submitted_by,
-                        token=self.token() if self.token is not None else None,
-                    )
-                    outcomes[i] = await self._publish(task, data, within)
-                except Exception as exc:  # this task's outcome, as submit would raise it
-                    outcomes[i] = exc
-
-        lanes = min(window, len(tasks)) if isinstance(tasks, Sized) else window
-        async with asyncio.TaskGroup() as group:
-            for _ in range(lanes):
-                group.create_task(lane())
-        # Every slot was filled: a lane fills its slot before it takes the next task.
+        made: list[tuple[int, Task, bytes]] = []
+        for new in tasks:
+            try:
+                task, data = make_task(
+                    new.type,
+                    new.payload,
+                    task_id=new.id,
+                    priority=new.priority,
+                    deadline=new.deadline,
+                    max_attempts=new.max_attempts,
+                    submitted_by=self.submitted_by,
+                    token=self.token() if self.token is not None else None,
+                )
+            except Exception as exc:  # this task's outcome, as submit would raise it
+                outcomes.append(exc)
+                continue
+            made.append((len(outcomes), task, data))
+            outcomes.append(None)
+        pipe = StoredPublisher(self.nc, timeout=min(within, 5.0))
+        await pipe.start()
+        try:
+            for start in range(0, len(made), window):
+                chunk = made[start : start + window]
+                written = await pipe.write_many(
+                    [
+                        (subjects.task_queue(task.type), data, {"Nats-Msg-Id": msg_id(task)})
+                        for _, task, data in chunk
+                    ]
+                )
+                again: list[tuple[int, Task, bytes]] = []
+                for (i, task, data), outcome in zip(chunk, written, strict=True):
+                    if isinstance(outcome, Written):
+                        outcomes[i] = Submitted(task, outcome.seq, outcome.duplicate)
+                    else:
+                        again.append((i, task, data))
+                # Not confirmed or refused: on its own, retried as submit retries
+                # it, so it ends as submit would end (stored, or submit's error).
+                for i, task, data in again:
+                    try:
+                        outcomes[i] = await self._publish(task, data, within)
+                    except Exception as exc:
+                        outcomes[i] = exc
+        finally:
+            await pipe.stop()
+        # Every slot was filled: made ones by their publish, the rest by their error.
         return cast(list[Submitted | Exception], outcomes)
 
     async def _publish(self, task: Task, data: bytes, within: float) -> Submitted:
