@@ -86,6 +86,8 @@ RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "tasks.bench-raw.raw"
 RAW_CONSUMER = "bench-raw"
 RAW_PULLERS = 4
+RAW_RECORDS = "bench_raw_records"
+RAW_EVENTS = "events.bench.raw"
 RAW_BATCH = 64
 IN_FLIGHT = 256
 LATENCY_SHARE = 0.10
@@ -118,6 +120,8 @@ class Results:
     fabric_submit_rate: float | None = None
     raw_rate: float | None = None
     raw_publish_rate: float | None = None
+    raw_writes_rate: float | None = None
+    """Raw JetStream plus a stored record and a stored event per message."""
     celery_rate: float | None = None
     celery_submit_rate: float | None = None
     latency_rate: float | None = None
@@ -200,12 +204,34 @@ def run_worker(concurrency: int) -> None:
     worker.main()
 
 
-async def raw_consumer(url: str, ca: str, cert: str, key: str, count: int) -> None:
-    """``tasks.py raw-consumer``: pull and ack ``count`` messages, then print when."""
+async def raw_consumer(
+    url: str, ca: str, cert: str, key: str, count: int, writes: bool = False
+) -> None:
+    """``tasks.py raw-consumer``: pull and ack ``count`` messages, then print when.
+
+    ``writes``: before acking a fetched batch, store for each message what the
+    issue asks a dispatcher to store (a record in a KV bucket, then a
+    CloudEvent-sized event), through the cheapest nats-py way there is: back to
+    back publishes with their PubAcks on one subscription (StoredPublisher).
+    """
+    from fabric.tasks.pipe import StoredPublisher
+
     nc = await connect(url, ca=Path(ca), cert=Path(cert), key=Path(key), name="bench-raw-consumer")
     js = nc.jetstream()
     done = asyncio.Event()
     seen = 0
+    pipe = StoredPublisher(nc)
+    await pipe.start()
+    record = b'{"state":"succeeded","result":' + b"x" * 300 + b"}"
+    event = b'{"specversion":"1.0","type":"io.agent-fabric.task.succeeded",' + b"x" * 380 + b"}"
+
+    async def store(msgs: list[Any]) -> None:
+        seqs = [msg.metadata.sequence.stream for msg in msgs]
+        recs = [(f"$KV.{RAW_RECORDS}.r{n}", record, None) for n in seqs]
+        evs = [(RAW_EVENTS, event, {"Nats-Msg-Id": f"raw-{n}"}) for n in seqs]
+        for outcome in [*await pipe.write_many(recs), *await pipe.write_many(evs)]:
+            if isinstance(outcome, Exception):
+                raise outcome
 
     async def puller() -> None:
         # One pull subscription each: concurrent fetches on one subscription share
@@ -219,6 +245,8 @@ async def raw_consumer(url: str, ca: str, cert: str, key: str, count: int) -> No
                 msgs = await psub.fetch(RAW_BATCH, timeout=1.0)
             except TimeoutError:
                 continue
+            if writes:
+                await store(msgs)
             for msg in msgs:
                 await msg.ack()
                 seen += 1
@@ -234,6 +262,7 @@ async def raw_consumer(url: str, ca: str, cert: str, key: str, count: int) -> No
     for task in pullers:
         task.cancel()
     await asyncio.gather(*pullers, return_exceptions=True)
+    await pipe.stop()
     await nc.close()
 
 
@@ -447,6 +476,7 @@ async def run_fabric(
             await done.wait_all(ids, within=120)
 
             await run_raw(plan, res, fab)
+            await run_raw(plan, res, fab, writes=True)
 
             log(f"fabric: {plan.fabric_tasks} tasks, {IN_FLIGHT} submissions in flight")
             made = [new_task_id() for _ in range(plan.fabric_tasks)]
@@ -576,8 +606,17 @@ async def paced_fabric(tasks: Any, done: Succeeded, rate: float, n: int) -> list
 # --- raw JetStream --------------------------------------------------------------------
 
 
-async def run_raw(plan: Plan, res: Results, fab: FabricUp) -> None:
-    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+async def run_raw(plan: Plan, res: Results, fab: FabricUp, *, writes: bool = False) -> None:
+    """Raw JetStream on the fabric's server; ``writes``: with a stored record and a
+    stored event per message before its ack (see :func:`raw_consumer`)."""
+    from nats.js.api import (
+        AckPolicy,
+        ConsumerConfig,
+        KeyValueConfig,
+        RetentionPolicy,
+        StorageType,
+        StreamConfig,
+    )
 
     from fabric.env import find_fabric
 
@@ -605,30 +644,41 @@ async def run_raw(plan: Plan, res: Results, fab: FabricUp) -> None:
                 max_ack_pending=20_000,
             ),
         )
+        count = plan.raw_messages if not writes else plan.fabric_tasks
+        if writes:
+            await js.create_key_value(KeyValueConfig(bucket=RAW_RECORDS, history=1))
         argv = [sys.executable, str(HERE), "raw-consumer", env.url, str(env.ca), str(cert)]
-        argv += [str(key), str(plan.raw_messages)]
+        argv += [str(key), str(count), *(["--writes"] if writes else [])]
         consumer = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)  # noqa: ASYNC220
         assert consumer.stdout is not None
         line = await asyncio.to_thread(consumer.stdout.readline)
         if line.strip() != b"ready":
             raise RuntimeError(f"raw consumer did not start: {line!r}")
-        log(f"raw JetStream: {plan.raw_messages} messages, publish_async")
+        what = "with a stored record and event each" if writes else "publish_async"
+        log(f"raw JetStream: {count} messages, {what}")
         body = b'{"i": 0}'
         server = fab.groups()["nats-server"]
         meter = CpuMeter(
             {"consumer": [consumer.pid], "nats-server": server, "bench client": [os.getpid()]}
         )
         t0 = time.monotonic()
-        acks = [await js.publish_async(RAW_SUBJECT, body) for _ in range(plan.raw_messages)]
+        acks = [await js.publish_async(RAW_SUBJECT, body) for _ in range(count)]
         await asyncio.gather(*acks)
         t_pub = time.monotonic()
         async with asyncio.timeout(300):
             line = await asyncio.to_thread(consumer.stdout.readline)
         word, end, seen = line.decode().split()
         assert word == "done", line
-        res.extra["raw_cpu"] = per_task_cpu(*meter.stop(), plan.raw_messages, meter.counts())
-        res.raw_rate = int(seen) / (float(end) - t0)
-        res.raw_publish_rate = plan.raw_messages / (t_pub - t0)
+        cpu = per_task_cpu(*meter.stop(), count, meter.counts())
+        rate = int(seen) / (float(end) - t0)
+        if writes:
+            res.extra["raw_writes_cpu"] = cpu
+            res.raw_writes_rate = rate
+            await js.delete_key_value(RAW_RECORDS)
+        else:
+            res.extra["raw_cpu"] = cpu
+            res.raw_rate = rate
+            res.raw_publish_rate = count / (t_pub - t0)
         await js.delete_stream(RAW_STREAM)
     finally:
         if consumer is not None:
@@ -918,6 +968,16 @@ def _p(xs: list[float], p: float) -> float | None:
     return pct(xs, p) if xs else None
 
 
+def _writes_verdict(fab: float | None, raw: float | None, writes: float | None) -> str:
+    """Where the writes alone put the ceiling, and how near the fabric comes to it."""
+    if writes is None:
+        return "-"
+    parts = [] if raw is None else [f"this ceiling is {writes / raw:.0%} of raw"]
+    if fab is not None:
+        parts.append(f"fabric {fab / writes:.0%} of it")
+    return "; ".join(parts) or "-"
+
+
 def table(plan: Plan, res: Results) -> list[list[str]]:
     fab, raw, cel = res.fabric_rate, res.raw_rate, res.celery_rate
     verdicts = []
@@ -938,6 +998,15 @@ def table(plan: Plan, res: Results) -> list[list[str]]:
             _rate(cel),
             ">= 50 % of raw; > Celery",
             "; ".join(verdicts) or "-",
+        ],
+        [
+            "raw JetStream + per message a stored KV record and a stored event before the ack "
+            f"({plan.fabric_tasks:,}; the writes the issue requires, PubAcks pipelined)",
+            _rate(fab),
+            _rate(res.raw_writes_rate),
+            "-",
+            "-",
+            _writes_verdict(fab, raw, res.raw_writes_rate),
         ],
         [
             "submission rate (same runs)",
@@ -982,6 +1051,10 @@ NOTES = [
     "raw JetStream: same server, work-queue file stream, js.publish_async from the bench "
     f"(nats-py's window of pending acks), one consumer process, {RAW_PULLERS} pull coroutines "
     f"(batch {RAW_BATCH}), msg.ack() each; no envelope, no record, no dispatch hop.",
+    "raw + writes: the same, the consumer storing for each fetched message a KV record "
+    f"(bucket {RAW_RECORDS}, ~330 B) and then an event ({RAW_EVENTS} into EVENTS, ~450 B, "
+    "Nats-Msg-Id), PubAcks gathered on one subscription, before acking: what any design "
+    "storing the issue's result and event per task pays, with no dispatch, token or worker.",
     "Celery: redis-server (persistence off) on loopback, `celery worker -c 4 -P prefork` "
     f"(default prefetch, acks early), client submits with delay() from {CELERY_LANES} threads; "
     "done = the result backend's PUBLISH of the result, seen by PSUBSCRIBE.",
@@ -1000,7 +1073,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return up_untokened(args_list[1:])
     if args_list[:1] == ["raw-consumer"]:
         url, ca, cert, key, count = args_list[1:6]
-        asyncio.run(raw_consumer(url, ca, cert, key, int(count)))
+        writes = args_list[6:7] == ["--writes"]
+        asyncio.run(raw_consumer(url, ca, cert, key, int(count), writes))
         return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
@@ -1058,6 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fabric_submit_per_s": res.fabric_submit_rate,
             "raw_jetstream_per_s": res.raw_rate,
             "raw_publish_per_s": res.raw_publish_rate,
+            "raw_with_writes_per_s": res.raw_writes_rate,
             "celery_tasks_per_s": res.celery_rate,
             "celery_submit_per_s": res.celery_submit_rate,
             "latency_rate_per_s": res.latency_rate,
@@ -1099,7 +1174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     }
     bounds = []
-    for key, what in (("fabric_cpu", "fabric"), ("raw_cpu", "raw"), ("celery_cpu", "Celery")):
+    runs = (
+        ("fabric_cpu", "fabric"),
+        ("raw_cpu", "raw"),
+        ("raw_writes_cpu", "raw + writes"),
+        ("celery_cpu", "Celery"),
+    )
+    for key, what in runs:
         cpu = res.extra.get(key)
         if cpu:
             parts = ", ".join(
