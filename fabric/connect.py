@@ -165,7 +165,9 @@ def inbox_prefix(cert: Path) -> str | None:
 
 
 class _Client(Client):
-    """nats-py's client, with one repair: a PONG for a flush that timed out.
+    """nats-py's client, with one repair and one change.
+
+    The repair: a PONG for a flush that timed out.
 
     nats-py 2.16 keeps a timed-out flush's future (cancelled) in its queue of
     PINGs awaiting a PONG. When the late PONG comes (a cut link that heals),
@@ -173,7 +175,38 @@ class _Client(Client):
     loop, and the client heard nothing until its pings declared it stale and
     it reconnected, seconds later. PONGs answer PINGs in order, so that PONG
     belongs to the cancelled one: it is taken off and nothing else resolved.
+
+    The change: fewer, larger socket writes (:meth:`_flusher`).
     """
+
+    async def _flusher(self) -> None:
+        # nats-py's flusher, but it lets the loop run once more before each
+        # write: the callbacks already due (a batch of acks, records, events
+        # made by other tasks) join the same write. On loopback TLS one send
+        # costs far more than the bytes in it, so a busy dispatcher made one
+        # syscall per few messages; the wait is one loop turn, microseconds.
+        assert self._transport, "Client.connect must be called first"
+        assert self._flush_queue, "Client.connect must be called first"
+        while True:
+            if not self.is_connected or self.is_connecting:
+                break
+            future: asyncio.Future[None] = await self._flush_queue.get()
+            try:
+                await asyncio.sleep(0)
+                if self._pending_data_size > 0:
+                    self._transport.writelines(self._pending[:])
+                    self._pending = []
+                    self._pending_data_size = 0
+                    await self._transport.drain()
+            except OSError as e:
+                await self._error_cb(e)
+                await self._process_op_err(e)
+                break
+            except (asyncio.CancelledError, RuntimeError, AttributeError):
+                break  # RuntimeError: the event loop is closed
+            finally:
+                if not future.done():  # it may have been cancelled
+                    future.set_result(None)
 
     async def _process_pong(self) -> None:
         if self._pongs and self._pongs[0].done():
