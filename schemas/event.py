@@ -55,14 +55,17 @@ def make_event(
     subject: str | None = None,
     data: Any = None,
     actor: str | None = None,
+    event_id: str | None = None,
 ) -> CloudEvent:
-    """Build an event for ``events.<kind>``; ``kind`` must be a valid event kind."""
+    """Build an event for ``events.<kind>``; ``kind`` must be a valid event kind.
+
+    ``event_id``: a fixed id (one that doubles as ``Nats-Msg-Id``), else a new one."""
     if _KIND_RE.fullmatch(kind) is None:
         raise ValueError(f"invalid event kind {kind!r}")
     return CloudEvent(
         specversion="1.0",
         datacontenttype="application/json",
-        id=uuid.uuid4().hex,
+        id=event_id or uuid.uuid4().hex,
         source=source,
         type=EVENT_TYPE_PREFIX + kind,
         subject=subject,

@@ -148,9 +148,9 @@ _MAX_PROGRESS = 64 * 1024
 @dataclass(frozen=True, slots=True)
 class DispatchSettings:
     queue: QueueSettings = field(default_factory=QueueSettings)
-    batch: int = 64
+    batch: int = 128
     """Messages asked for per fetch."""
-    max_inflight: int = 512
+    max_inflight: int = 1024
     """Messages one dispatcher holds at once (waiting for a slot or running)."""
     event_timeout: float = 5.0
     """How long a task's event may take to be stored before the task goes back."""
@@ -933,8 +933,9 @@ class Dispatcher:
         event_id = f"{record.id}.{kind}"
         if kind == "task.failed":
             event_id += f".{record.attempts}"
-        event = make_event(kind, source=self.source, subject=record.id, data=data, actor=actor)
-        event = msgspec.structs.replace(event, id=event_id)
+        event = make_event(
+            kind, source=self.source, subject=record.id, data=data, actor=actor, event_id=event_id
+        )
         return subjects.event(kind), encode(event), {"Nats-Msg-Id": event_id}
 
 
