@@ -9,7 +9,11 @@ Two sources, one function each:
 * :class:`RecordCounts` - how many of them run and how many wait, and why,
   from the task records (``fabric_tasks``): a watch that keeps only the
   records not final yet, so its memory is the live tasks', not the last
-  seven days'. Fleet-wide: every dispatcher writes the records.
+  seven days'. Fleet-wide: every dispatcher writes the records. A task a
+  dispatcher's batched lane runs gets a ``running`` record only once it has
+  run for ``DispatchSettings.running_after`` (1 s) or reported progress, so
+  "running" counts the tasks that run for a while; shorter ones show as
+  stored and not yet acked until they end.
 
 A controller starts its :class:`RecordCounts` on the first ``what=tasks``
 discovery, not at start: the watch receives every record write, which a
