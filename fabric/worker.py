@@ -52,11 +52,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
+from datetime import datetime
+from types import CoroutineType
 from typing import Any, TypeVar
 
 import msgspec
@@ -82,7 +86,6 @@ from schemas.task import (
     TaskOutcome,
     TaskProgress,
     TaskResult,
-    TaskResults,
 )
 
 __all__ = [
@@ -105,13 +108,22 @@ MAX_BATCH_BYTES = DEFAULT_MAX_BYTES
 """The largest encoded :class:`TaskBatch` accepted (the server's default max_payload)."""
 MAX_RESULTS_BYTES = 512 * 1024
 """The most one :class:`TaskResults` message carries, encoded; more results are split."""
-# TaskResults around its results: the results' own bytes plus this and a comma each.
-_RESULTS_FRAME = len(b'{"results":[]}')
 _MAX_ASSIGNMENT = MAX_TASK_PAYLOAD_BYTES + 16 * 1024
 _MAX_ERROR = 4096
 _NO_KEEPALIVE = 7 * 24 * 3600.0
 DIRECT_QUEUE = "fabric-direct"
 _HANDED_BACK = "worker draining: handed back"
+_COUNTED = {
+    TaskOutcome.SUCCEEDED: "succeeded",
+    TaskOutcome.FAILED: "failed",
+    TaskOutcome.RETRY: "handed_back",
+}
+# A TaskResults body is built from the results' own encodings (each is encoded
+# anyway, to check its size), which is byte for byte what encoding it whole gives.
+_RESULTS_OPEN = b'{"results":['
+_RESULTS_CLOSE = b"]}"
+# TaskResults around its results: the results' own bytes plus this and a comma each.
+_RESULTS_FRAME = len(_RESULTS_OPEN) + len(_RESULTS_CLOSE)
 
 Handler = Callable[["TaskContext", Any], Awaitable[Any]]
 H = TypeVar("H", bound=Handler)
@@ -143,8 +155,13 @@ class TaskContext:
 class _Route:
     handler: Handler
     concurrency: int
-    slots: asyncio.Semaphore
     direct: bool = False
+    running: int = 0
+    """Runners: each holds one of the ``concurrency`` slots."""
+    starting: int = 0
+    """Runners not started yet (each will take an assignment that waits, if any)."""
+    waiting: deque[_Held] = field(default_factory=deque)
+    """Assignments waiting for a runner, first come first served."""
 
 
 @dataclass(slots=True)
@@ -153,14 +170,17 @@ class _Held:
 
     msg: Msg
     assignment: TaskAssignment
+    key: tuple[str, int]
+    """Its key in ``Worker._held``."""
     last_report: float
+    started_at: datetime
+    """When it came, until its handler starts."""
     runner: asyncio.Task[Any] | None = None
     running: bool = False
     direct: bool = False
     """Came on ``tasks.<type>.direct``: no keepalive, a reply only if one was asked."""
     batch: _Batch | None = None
     """Came in a :class:`TaskBatch`: answered with the batch's other results."""
-    started_at: Any = field(default_factory=utc_now)
 
 
 @dataclass(slots=True)
@@ -170,8 +190,8 @@ class _Batch:
 
     msg: Msg
     tg: asyncio.TaskGroup
-    pending: list[tuple[TaskResult, int]] = field(default_factory=list)
-    """Results not sent yet, with their encoded sizes; non-empty means a flush is due."""
+    pending: list[tuple[str, bytes]] = field(default_factory=list)
+    """Results not sent yet (task id, encoded result); non-empty means a flush is due."""
 
 
 class Worker:
@@ -220,8 +240,7 @@ class Worker:
         def register(handler: H) -> H:
             if task_type in self._routes:
                 raise ValueError(f"a handler for {task_type!r} is already registered")
-            slots = asyncio.Semaphore(concurrency)
-            self._routes[task_type] = _Route(handler, concurrency, slots, direct)
+            self._routes[task_type] = _Route(handler, concurrency, direct)
             return handler
 
         return register
@@ -283,15 +302,17 @@ class Worker:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         # Not started yet: hand back at once. Running: finish within the grace period.
-        for held in list(self._held.values()):
-            if not held.running and held.runner is not None:
-                held.runner.cancel()
+        # (A runner not yet started sees the drain when it starts and hands back too.)
+        for route in self._routes.values():
+            await self._hand_back(route)
         runners = [h.runner for h in self._held.values() if h.runner is not None]
         if runners:
             _, late = await asyncio.wait(runners, timeout=self.grace)
             for runner in late:
                 runner.cancel()  # _serve hands it back
             await asyncio.gather(*runners, return_exceptions=True)
+        # Let the flushes due for the handed-back ones start their sends in the group.
+        await asyncio.sleep(0)
         keepalive.cancel()
 
     async def _on_assignment(self, msg: Msg) -> None:
@@ -306,15 +327,16 @@ class Worker:
             with contextlib.suppress(nats.errors.Error):
                 await msg.respond(encode(exc.to_reply()))
             return
-        held = _Held(msg, assignment, last_report=asyncio.get_running_loop().time())
+        key = (assignment.task.id, assignment.attempt)
+        now = asyncio.get_running_loop().time()
+        held = _Held(msg, assignment, key, now, utc_now())
         if tg is None or self._draining:
             await self._answer(held, TaskOutcome.RETRY, error=_HANDED_BACK)
             return
-        key = (assignment.task.id, assignment.attempt)
         if key in self._held:
             return  # the same request again: the first one answers
         self._held[key] = held
-        held.runner = tg.create_task(self._serve(held))
+        self._admit(held, tg)
 
     async def _on_batch(self, msg: Msg, version: str) -> None:
         tg = self._tg
@@ -329,26 +351,32 @@ class Worker:
         if not msg.reply:
             log.warning("task batch without a reply subject: dropped")
             return
-        # A repeat inside the batch is the same request again: the first one answers.
-        distinct: dict[tuple[str, int], TaskAssignment] = {}
-        for assignment in batch.assignments:
-            distinct.setdefault((assignment.task.id, assignment.attempt), assignment)
+        # All of it came at once: one clock reading serves every assignment.
         now = asyncio.get_running_loop().time()
+        came = utc_now()
         if tg is None or self._draining:
             answers = []
-            for assignment in distinct.values():
-                held = _Held(msg, assignment, now)
-                answer, body = self._result(held, TaskOutcome.RETRY, None, _HANDED_BACK)
-                answers.append((answer, len(body)))
+            seen: set[tuple[str, int]] = set()
+            for assignment in batch.assignments:
+                key = (assignment.task.id, assignment.attempt)
+                if key in seen:
+                    continue  # a repeat is the same request again: answered once
+                seen.add(key)
+                held = _Held(msg, assignment, key, now, came)
+                _, body = self._result(held, TaskOutcome.RETRY, None, _HANDED_BACK)
+                answers.append((key[0], body))
             await self._send(msg, answers)
             return
         out = _Batch(msg, tg)
-        for key, assignment in distinct.items():
-            if key in self._held:
-                continue  # an earlier message holds it and answers it
-            held = _Held(msg, assignment, now, batch=out)
-            self._held[key] = held
-            held.runner = tg.create_task(self._serve(held))
+        held_now = self._held
+        for assignment in batch.assignments:
+            key = (assignment.task.id, assignment.attempt)
+            if key in held_now:
+                # An earlier message, or an earlier copy in this batch, holds it and answers it.
+                continue
+            held = _Held(msg, assignment, key, now, came, batch=out)
+            held_now[key] = held
+            self._admit(held, tg)
 
     async def _on_direct(self, msg: Msg) -> None:
         tg = self._tg
@@ -363,28 +391,81 @@ class Worker:
             return
         # Never kept alive: ack_wait only sizes the (unused) keepalive.
         assignment = TaskAssignment(task=task, attempt=1, ack_wait=_NO_KEEPALIVE)
-        held = _Held(msg, assignment, asyncio.get_running_loop().time(), direct=True)
-        key = (f"direct-{id(held)}", 1)
-        self._held[key] = held
-        held.runner = tg.create_task(self._serve(held, key))
+        now = asyncio.get_running_loop().time()
+        held = _Held(msg, assignment, ("", 1), now, utc_now(), direct=True)
+        held.key = (f"direct-{id(held)}", 1)
+        self._held[held.key] = held
+        self._admit(held, tg)
 
-    async def _serve(self, held: _Held, key: tuple[str, int] | None = None) -> None:
-        assignment = held.assignment
-        task = assignment.task
-        route = self._routes.get(task.type)
+    def _admit(self, held: _Held, tg: asyncio.TaskGroup) -> None:
+        """Queue ``held`` for a slot of its type, and see that a runner will come."""
+        route = self._routes.get(held.assignment.task.type)
+        if route is None:
+            held.runner = tg.create_task(self._refuse(held))
+            return
+        route.waiting.append(held)
+        if not route.starting:
+            self._spread(route, tg)
+
+    def _spread(self, route: _Route, tg: asyncio.TaskGroup | None = None) -> None:
+        """Start runners for what waits on ``route`` and no runner will take, as far
+        as its slots go. Called on admission (one runner, which serves a whole burst
+        of quick tasks alone) and when a handler first waits (one each for the rest,
+        so they run side by side as tasks of their own would)."""
+        tg = tg or self._tg
+        if tg is None or self._draining:
+            return
+        need = min(len(route.waiting) - route.starting, route.concurrency - route.running)
+        for _ in range(need):
+            route.running += 1
+            route.starting += 1
+            tg.create_task(self._run(route))
+
+    async def _run(self, route: _Route) -> None:
+        """One slot of ``route``: serves what waits for it until nothing does.
+
+        A runner goes on to the next assignment instead of ending, so a burst of
+        quick tasks costs one runner rather than a task each; every handler
+        still gets a context of its own (:class:`_Isolated`)."""
+        route.starting -= 1
+        runner = asyncio.current_task()
         try:
-            if route is None:
-                await self._answer(
-                    held, TaskOutcome.FAILED, error=f"agent {self.agent_id} has no {task.type!r}"
-                )
-                return
+            while route.waiting and not self._draining:
+                held = route.waiting.popleft()
+                held.runner = runner
+                await self._serve(held, route)
+                if runner is not None and runner.cancelling():
+                    break
+        finally:
+            route.running -= 1
+            if runner is not None and runner.cancelling():
+                # Cancelled from outside (the group is failing, or run() was
+                # cancelled): what waits is handed back, as its own task would be.
+                await self._hand_back(route)
+
+    async def _hand_back(self, route: _Route) -> None:
+        """Answer ``retry`` for everything waiting on ``route``: it never started."""
+        while route.waiting:
+            held = route.waiting.popleft()
+            self._held.pop(held.key, None)
+            await self._answer(held, TaskOutcome.RETRY, error=_HANDED_BACK)
+
+    async def _refuse(self, held: _Held) -> None:
+        try:
+            text = f"agent {self.agent_id} has no {held.assignment.task.type!r}"
+            await self._answer(held, TaskOutcome.FAILED, error=text)
+        finally:
+            self._held.pop(held.key, None)
+
+    async def _serve(self, held: _Held, route: _Route) -> None:
+        task = held.assignment.task
+        try:
             try:
-                async with route.slots:
-                    if self._draining:
-                        raise asyncio.CancelledError
-                    held.running = True
-                    held.started_at = utc_now()
-                    value = await route.handler(TaskContext(self, assignment, held), task.payload)
+                held.running = True
+                held.started_at = utc_now()
+                ctx = TaskContext(self, held.assignment, held)
+                args = (ctx, task.payload)
+                value = await _Isolated(route.handler, args, lambda: self._spread(route))
             except asyncio.CancelledError:
                 await self._answer(held, TaskOutcome.RETRY, error=_HANDED_BACK)
                 return
@@ -394,14 +475,14 @@ class Worker:
                 return
             await self._answer(held, TaskOutcome.SUCCEEDED, result=value)
         finally:
-            self._held.pop(key or (task.id, assignment.attempt), None)
+            self._held.pop(held.key, None)
 
     async def _answer(
         self, held: _Held, outcome: TaskOutcome, *, result: Any = None, error: str | None = None
     ) -> None:
         answer, body = self._result(held, outcome, result, error)
         if held.batch is not None:
-            self._collect(held.batch, answer, len(body))
+            self._collect(held.batch, answer.task_id, body)
             return
         if held.direct and not held.msg.reply:
             return
@@ -417,52 +498,66 @@ class Worker:
         """The counted result of ``held`` and its encoding: failed instead when the
         handler's value cannot go on the wire."""
         assignment = held.assignment
-
-        def build(outcome: TaskOutcome, result: Any, error: str | None) -> TaskResult:
-            return TaskResult(
-                task_id=assignment.task.id,
-                agent_id=self.agent_id,
-                attempt=assignment.attempt,
-                outcome=outcome,
-                result=result,
-                error=None if error is None else error[:_MAX_ERROR],
-                started_at=held.started_at,
-                finished_at=utc_now(),
-            )
-
-        answer = build(outcome, result, error)
+        answer = TaskResult(
+            task_id=assignment.task.id,
+            agent_id=self.agent_id,
+            attempt=assignment.attempt,
+            outcome=outcome,
+            result=result,
+            error=None if error is None else error[:_MAX_ERROR],
+            started_at=held.started_at,
+            finished_at=utc_now(),
+        )
         try:
             body = encode(answer)
         except (TypeError, msgspec.EncodeError) as exc:
-            answer = build(TaskOutcome.FAILED, None, f"result is not JSON-encodable: {exc}")
+            answer = msgspec.structs.replace(
+                answer,
+                outcome=TaskOutcome.FAILED,
+                result=None,
+                error=f"result is not JSON-encodable: {exc}"[:_MAX_ERROR],
+                finished_at=utc_now(),
+            )
             body = encode(answer)
         if len(body) > MAX_RESULT_BYTES:
             text = f"result is {len(body)} bytes, the limit is {MAX_RESULT_BYTES}"
-            answer = build(TaskOutcome.FAILED, None, text)
+            answer = msgspec.structs.replace(
+                answer,
+                outcome=TaskOutcome.FAILED,
+                result=None,
+                error=text[:_MAX_ERROR],
+                finished_at=utc_now(),
+            )
             body = encode(answer)
-        key = {"succeeded": "succeeded", "failed": "failed", "retry": "handed_back"}
-        self.counts[key[answer.outcome.value]] += 1
+        self.counts[_COUNTED[answer.outcome]] += 1
         return answer, body
 
-    def _collect(self, batch: _Batch, answer: TaskResult, size: int) -> None:
+    def _collect(self, batch: _Batch, task_id: str, body: bytes) -> None:
         # call_soon runs after every callback already due in this turn, so the
         # results of all the tasks that finish in this turn share one message.
         if not batch.pending:
             asyncio.get_running_loop().call_soon(self._flush, batch)
-        batch.pending.append((answer, size))
+        batch.pending.append((task_id, body))
 
     def _flush(self, batch: _Batch) -> None:
         answers, batch.pending = batch.pending, []
         # The batch's runners are still in the group (their last step scheduled
-        # this call), so it has not closed yet.
+        # this call), or the drain is (it waits a turn for this), so it is open.
         batch.tg.create_task(self._send(batch.msg, answers))
 
-    async def _send(self, msg: Msg, answers: list[tuple[TaskResult, int]]) -> None:
+    async def _send(self, msg: Msg, answers: list[tuple[str, bytes]]) -> None:
+        nc = self.nc
+        if nc is None:
+            return  # never: batches come only through a connection the worker has
+        reply = msg.reply
         for chunk in _chunks(answers):
+            body = b"".join((_RESULTS_OPEN, b",".join(body for _, body in chunk), _RESULTS_CLOSE))
             try:
-                await msg.respond(encode(TaskResults(results=chunk)))
+                # Straight to the reply subject: msg.respond would copy the batch's
+                # headers onto every reply, which the controller does not read.
+                await nc.publish(reply, body)
             except nats.errors.Error as exc:
-                ids = ", ".join(a.task_id for a in chunk)
+                ids = ", ".join(task_id for task_id, _ in chunk)
                 log.warning("tasks %s: results not sent: %s", ids, exc)
 
     # --- progress --------------------------------------------------------------
@@ -500,11 +595,56 @@ class Worker:
                     await self._report(held, None, "")
 
 
-def _chunks(answers: list[tuple[TaskResult, int]]) -> list[list[TaskResult]]:
-    """``answers`` (results with their encoded sizes) cut into TaskResults-sized lists."""
-    chunks: list[list[TaskResult]] = []
+class _Isolated:
+    """Awaits ``handler(*args)`` in a copy of the current context, stepping it as a
+    task of its own would: a runner serves one assignment after another, and a
+    handler must not see the context variables an earlier one set."""
+
+    __slots__ = ("_args", "_context", "_handler", "_on_wait")
+
+    def __init__(
+        self, handler: Handler, args: tuple[Any, ...], on_wait: Callable[[], None]
+    ) -> None:
+        self._handler = handler
+        self._args = args
+        self._context = contextvars.copy_context()
+        self._on_wait = on_wait
+        """Called once, when the handler first waits (or might: not a coroutine)."""
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        run = self._context.run
+        awaitable = run(self._handler, *self._args)
+        if type(awaitable) is not CoroutineType:
+            self._on_wait()
+            return (yield from awaitable.__await__())  # not a coroutine: no steps to wrap
+        coro: Coroutine[Any, Any, Any] = awaitable
+        step: Callable[[Any], Any] = coro.send
+        arg: Any = None
+        on_wait: Callable[[], None] | None = self._on_wait
+        while True:
+            try:
+                yielded = run(step, arg)
+            except StopIteration as stop:
+                return stop.value
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
+            try:
+                arg = yield yielded
+                step = coro.send
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation among them: the handler's to handle
+                step, arg = coro.throw, exc
+
+
+def _chunks(answers: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    """``answers`` (task ids with their encoded results) cut into TaskResults-sized lists."""
+    chunks: list[list[tuple[str, bytes]]] = []
     size = _RESULTS_FRAME
-    for answer, length in answers:
+    for answer in answers:
+        length = len(answer[1])
         fits = size + 1 + length <= MAX_RESULTS_BYTES
         if chunks and len(chunks[-1]) < MAX_BATCH_ASSIGNMENTS and fits:
             chunks[-1].append(answer)

@@ -5,6 +5,7 @@ reply collected, through the worker identity's real permissions."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -322,3 +323,41 @@ async def test_the_single_path_is_unchanged_beside_batches(connect_as: Clients) 
         assert decode(reply.data, TaskResult).result == {"got": 7}
         replies = await send(w.ctl, batch(("two", 8)))
         assert (await replies.until_answered("two"))["two"].result == {"got": 8}
+
+
+async def test_each_handler_runs_in_a_context_of_its_own(connect_as: Clients) -> None:
+    # One slot: the tasks run one after another, each in a context of its own as a
+    # task of its own would give it; a handler may return any awaitable.
+    var: contextvars.ContextVar[str | None] = contextvars.ContextVar("var", default=None)
+    seen: dict[str, str | None] = {}
+    worker = Worker("w1", nc=await connect_as("work-1"), grace=0.3)
+
+    @worker.task("echo", concurrency=1)
+    async def echo(ctx: TaskContext, payload: Any) -> Any:
+        seen[ctx.task_id] = var.get()
+        var.set(ctx.task_id)
+        await asyncio.sleep(0)
+        assert var.get() == ctx.task_id
+        return payload
+
+    def later(ctx: TaskContext, payload: Any) -> asyncio.Future[Any]:
+        seen[ctx.task_id] = var.get()
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, done.set_result, payload)
+        return done
+
+    worker.task("later", concurrency=1)(later)
+    runner = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 5)
+    try:
+        ctl = await connect_as("ctl-1")
+        ids = ["c1", "c2", "c3", "l1", "l2"]
+        body = batch(("c1", 1), ("c2", 2), ("c3", 3), ("l1", 4, "later"), ("l2", 5, "later"))
+        results = await (await send(ctl, body)).until_answered(*ids)
+        assert [results[i].result for i in ids] == [1, 2, 3, 4, 5]
+        assert seen == dict.fromkeys(ids)
+        assert worker.counts == {"succeeded": 5, "failed": 0, "handed_back": 0}
+        assert not worker._held
+    finally:
+        worker.stop()
+        await asyncio.wait_for(runner, 10)
