@@ -177,7 +177,8 @@ async def test_without_the_lane_every_task_goes_one_by_one(rig: TaskRig) -> None
 async def test_a_long_task_shows_running_in_its_record_a_short_one_does_not(
     rig: TaskRig,
 ) -> None:
-    await rig.dispatcher(fast_settings(running_after=0.2, watch_every=0.05))
+    # Long enough that the short task ends well before it, even on a loaded machine.
+    await rig.dispatcher(fast_settings(running_after=2.0, watch_every=0.05))
     await rig.worker("wa", "echo")
     tasks = await rig.tasks()
     gate = rig.base / "gate"
