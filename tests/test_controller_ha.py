@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from fleetfixtures import (
     ControllerProcs,
     FakeNode,
@@ -29,6 +31,7 @@ from fleetfixtures import (
 )
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from natsfixtures import Clients, FabricPki
 
 from fabric.controller.lease import LEASE_KEY, LeaseValue
@@ -196,11 +199,24 @@ async def test_a_controller_survives_losing_its_nats_server(
                     lambda: [p.node_id for p in mirror.items["later"][0].replicas] == ["n2"],
                     within=10,
                 )
-                js = op.jetstream()
-                stored = await js.get_last_msg(EVENTS_STREAM, "events.deployment.created")
+                stored = await _last_event(op.jetstream(), "events.deployment.created")
                 assert stored.data is not None
                 assert json.loads(stored.data)["subject"] == "later"
     finally:
         if not first.running:
             await first.start()
             await nats_cluster.wait_jetstream()
+
+
+async def _last_event(js: JetStreamContext, subject: str) -> Any:
+    """The last event on ``subject``, asked for again while the lost server's
+    JetStream leaderships are being elected (its API answers nothing meanwhile;
+    CI saw the first ask time out once)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await js.get_last_msg(EVENTS_STREAM, subject)
+            except nats.errors.TimeoutError:
+                continue  # the request itself waited
+            except nats.js.errors.ServiceUnavailableError:
+                await asyncio.sleep(0.1)  # wait-ok: answered at once, asked again shortly

@@ -443,9 +443,13 @@ class Lane:
             ):
                 d.counts["bad_results"] += 1
                 continue
-            if not self._end(lane_run):
+            won = result.outcome is TaskOutcome.SUCCEEDED
+            # A success keeps its slot until it is acked: the tasks a controller
+            # that dies could have run without storing them stay within its
+            # slots (agent_limit per agent), not slots plus what was settling.
+            if not self._end(lane_run, release=not won):
                 continue
-            if result.outcome is TaskOutcome.SUCCEEDED:
+            if won:
                 wins.append((lane_run, result))
             else:
                 self._spawn(self._settle_one(lane_run, result))
@@ -474,8 +478,9 @@ class Lane:
         if self._end(lane_run):
             self._spawn(self._settle_one(lane_run, outcome))
 
-    def _end(self, lane_run: _LaneRun) -> bool:
-        """Forget a run and free its slot; False when it had ended already."""
+    def _end(self, lane_run: _LaneRun, *, release: bool = True) -> bool:
+        """Forget a run and (``release``) free its slot; False when it had ended
+        already."""
         task = lane_run.run.task
         if self.live.get(task.id) is not lane_run:
             return False
@@ -488,8 +493,9 @@ class Lane:
         d = self.d
         if d.runs.get(task.id) is lane_run.run:
             del d.runs[task.id]
-        d.release(lane_run.agent.agent_id, task.type)
-        self.poke()
+        if release:
+            d.release(lane_run.agent.agent_id, task.type)
+            self.poke()
         return True
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -574,6 +580,9 @@ class Lane:
             # The connection went: every task not acked yet comes back by itself.
             log.warning("lane: %d results not settled: %r", len(wins) - settled, exc)
         finally:
+            for lane_run, _ in wins:
+                d.release(lane_run.agent.agent_id, lane_run.run.task.type)
+            self.poke()
             await d.let_go(len(wins) - settled)
 
     # --- the watch ---------------------------------------------------------------
