@@ -1,6 +1,12 @@
 """The dispatcher: takes tasks from the shared durable consumer and hands each
 to a running agent that serves its type. It runs inside every controller.
 
+Fresh tasks (first delivery, not a retry, not ``exec``) take the batched lane
+of :mod:`fabric.tasks.lane`: the same steps as below, for many tasks per
+message and per round of writes. What follows is the one-by-one path every
+other task takes, and the one the lane hands a task to whenever it must read
+the task's record first.
+
 One task, from fetch to ack::
 
     fetch ─▶ decode (bad: term) ─▶ claim its KV record (final already: ack, done)
