@@ -242,8 +242,11 @@ class Lane:
             await d.let_go()
 
     def _expire(self, now: float) -> None:
-        """Tasks that waited ``busy_hold`` for a slot go back to the queue."""
-        hold = self.d.settings.busy_hold
+        """Tasks that waited ``busy_hold`` for a slot go back to the queue.
+
+        Waiting here sends no in-progress, so the wait is also kept well inside
+        a third of the ack wait (JetStream would redeliver the task meanwhile)."""
+        hold = min(self.d.settings.busy_hold, self.d.ack_wait / 3 * 0.9)
         tg = self._tg
         if tg is None:
             return
