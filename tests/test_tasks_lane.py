@@ -223,3 +223,27 @@ async def test_an_agent_nobody_listens_for_is_shunned_and_costs_no_attempt(
     assert record.state is TaskState.SUCCEEDED
     assert (record.agent_id, record.attempts) == ("wb", 1)
     assert dispatcher.counts["handed_back"] >= 1
+
+
+async def test_a_task_held_past_busy_hold_goes_back_and_says_why(rig: TaskRig) -> None:
+    dispatcher = await rig.dispatcher(fast_settings(agent_limit=1, busy_hold=0.3))
+    await rig.worker("wa", "echo")
+    tasks = await rig.tasks()
+    gate = rig.base / "gate"
+
+    held = await tasks.submit("echo", {"gate": str(gate)})
+    await until(lambda: len(rig.entries("start")) == 1, within=10)
+    second = await tasks.submit("echo", {"n": 2})
+    versions = await rig.record_until(
+        tasks.nc, second.task.id, lambda r: r.waiting != "", within=10
+    )
+    gate.touch()
+    record = await tasks.wait(second.task.id, within=15)
+
+    # It waited in the lane for the one slot, then went back with its reason
+    # recorded, and ran once the slot freed.
+    assert "busy" in versions[-1].waiting and versions[-1].state is TaskState.QUEUED
+    assert dispatcher.counts["waiting"] >= 1
+    assert record.state is TaskState.SUCCEEDED and record.attempts == 1
+    assert (await tasks.wait(held.task.id, within=10)).state is TaskState.SUCCEEDED
+    assert sorted(e["task"] for e in rig.entries("start")) == sorted([held.task.id, second.task.id])
