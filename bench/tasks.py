@@ -14,7 +14,7 @@ One run measures, on this machine:
   the controller and spawned by the node agent. The bench submits tasks with
   :meth:`fabric.tasks.client.TaskClient.submit_many` (256 submissions in
   flight, one submit token minted per 1,000 tasks from the operator key) and
-  counts ``events.task.succeeded``: the dispatcher publishes that event after
+  counts ``events.task.completed``: the dispatcher publishes that event after
   the result is stored in KV and before it acks the task. Throughput is
   tasks / (last event - first submission); the run then checks that stream
   ``TASKS`` is empty (every task acked).
@@ -33,7 +33,7 @@ One run measures, on this machine:
   as the Redis result backend publishes it (``PSUBSCRIBE celery-task-meta-*``).
 * **latency**: submissions paced at 10 % of the fabric's measured throughput
   (the same rate for Celery), submit-to-result p50/p99 (fabric: call to
-  ``submit`` -> ``events.task.succeeded`` arrives; Celery: call to
+  ``submit`` -> ``events.task.completed`` arrives; Celery: call to
   ``delay`` -> the result's publish arrives).
 
 Each throughput run also reads the CPU time of every process involved and
@@ -223,7 +223,7 @@ async def raw_consumer(
     pipe = StoredPublisher(nc)
     await pipe.start()
     record = b'{"state":"succeeded","result":' + b"x" * 300 + b"}"
-    event = b'{"specversion":"1.0","type":"io.agent-fabric.task.succeeded",' + b"x" * 380 + b"}"
+    event = b'{"specversion":"1.0","type":"io.agent-fabric.task.completed",' + b"x" * 380 + b"}"
 
     async def store(msgs: list[Any]) -> None:
         seqs = [msg.metadata.sequence.stream for msg in msgs]
@@ -274,7 +274,7 @@ class _Event(msgspec.Struct):
 
 
 class Succeeded:
-    """``events.task.succeeded``: arrival time per task id, and a wait for a set of ids."""
+    """``events.task.completed``: arrival time per task id, and a wait for a set of ids."""
 
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
@@ -459,7 +459,7 @@ async def run_fabric(
         async with open_client(state_dir=fab.dir, name="bench-tasks") as client:
             nc: Client = client.nc
             done = Succeeded()
-            await nc.subscribe("events.task.succeeded", cb=done.handle)
+            await nc.subscribe("events.task.completed", cb=done.handle)
             await nc.flush()
             log(f"deploying {WORKERS} worker agents")
             await deploy_workers(client, plan.worker_concurrency)
@@ -1046,7 +1046,7 @@ NOTES = [
     "fabric: `fabric up --port 0` (TLS nats-server, controller, 1 fabric-node) in a temp dir; "
     f"deployment of {WORKERS} agents (`bench/tasks.py worker`, fabric.worker, echo handler); "
     f"TaskClient.submit_many, {IN_FLIGHT} in flight, one submit token per 1,000 tasks; "
-    "done = events.task.succeeded "
+    "done = events.task.completed "
     "(published after the KV result, before the ack); stream TASKS checked empty after.",
     "raw JetStream: same server, work-queue file stream, js.publish_async from the bench "
     f"(nats-py's window of pending acks), one consumer process, {RAW_PULLERS} pull coroutines "

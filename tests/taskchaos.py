@@ -215,7 +215,7 @@ async def _read_records(nc: Client) -> dict[str, TaskRecord]:
 
 async def stored_events(nc: Client, subject: str, within: float = 60) -> Counter[str]:
     """How often each CloudEvents ``subject`` (a task id) is stored in EVENTS
-    under ``subject`` (e.g. ``events.task.succeeded``): one ordered read."""
+    under ``subject`` (e.g. ``events.task.completed``): one ordered read."""
     seen: Counter[str] = Counter()
     js = nc.jetstream()
     info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)

@@ -171,7 +171,7 @@ def test_fabric_spreads_over_hosts_and_re_places_a_cut_off_host(fabric: Fabric) 
     events = fabric.cli(h3, "events", "--since", "5m", "--json")
     assert events.returncode == 0, events.stderr
     kinds = {json.loads(line)["type"] for line in events.stdout.splitlines() if line.strip()}
-    assert {"io.agent-fabric.agent.started", "io.agent-fabric.task.succeeded"} <= kinds
+    assert {"io.agent-fabric.agent.started", "io.agent-fabric.task.completed"} <= kinds
 
     moved = next(agent for agent, node in spread.items() if node == "host-3")
     fabric.bed.cut(2)

@@ -144,7 +144,7 @@ async def test_kill_9_of_a_nats_server_under_load_loses_no_acknowledged_task(
     assert load.strays() == set()
     # Every acknowledged task's final event is in EVENTS too: the dispatcher
     # waits for it to be stored before the ack, across every server loss.
-    events = await stored_events(await clustered.admin(), "events.task.succeeded")
+    events = await stored_events(await clustered.admin(), "events.task.completed")
     assert load.submitter is not None
     without_event = [i for i in load.submitter.acked if not events[i]]
     assert without_event == [], f"{len(without_event)} acknowledged tasks have no stored event"

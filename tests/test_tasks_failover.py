@@ -30,7 +30,7 @@ async def test_kill_9_of_a_dispatcher_under_load_loses_nothing(rig: TaskRig) -> 
     d1 = await rig.dispatcher_proc("d1", 1.5, agents)
     await rig.dispatcher_proc("d2", 1.5, agents)
     tasks = await rig.tasks()
-    done = await rig.subscribe_events(tasks.nc, "events.task.succeeded")
+    done = await rig.subscribe_events(tasks.nc, "events.task.completed")
 
     ids = [f"load-{i}" for i in range(TASKS)]
     await asyncio.gather(*(tasks.submit("echo", {"sleep": 0.02}, task_id=i) for i in ids))

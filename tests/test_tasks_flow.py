@@ -46,7 +46,7 @@ async def test_submit_runs_and_stores_the_result(rig: TaskRig) -> None:
     assert record.submitted_by == "op-1"
     assert record.started_at is not None and record.finished_at is not None
     assert await tasks.get(submitted.task.id) == record
-    done = await events.wait_for(lambda e: e["type"] == "io.agent-fabric.task.succeeded")
+    done = await events.wait_for(lambda e: e["type"] == "io.agent-fabric.task.completed")
     assert done["subject"] == submitted.task.id and done["actor"] == "op-1"
     await rig.queue_drained()  # acked: gone from the work queue
 

@@ -66,7 +66,7 @@ async def test_a_burst_goes_out_in_batches_and_every_task_succeeds(rig: TaskRig)
     await rig.worker("wb", "echo", concurrency=16)
     seen = await _watch_assignments(rig)
     tasks = await rig.tasks()
-    events = await rig.subscribe_events(tasks.nc, "events.task.succeeded")
+    events = await rig.subscribe_events(tasks.nc, "events.task.completed")
 
     submitted = await asyncio.gather(*(tasks.submit("echo", {"n": n}) for n in range(200)))
     ids = {s.task.id for s in submitted}

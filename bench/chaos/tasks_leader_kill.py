@@ -48,7 +48,7 @@ CONTROLLERS = ("ctl-a", "ctl-b", "ctl-c")
 
 
 async def one_run(tasks: int, workers: int, lease_ttl: float) -> tuple[LeaderKill, int]:
-    """The run, and how many burst tasks have no ``task.succeeded`` event in EVENTS."""
+    """The run, and how many burst tasks have no ``task.completed`` event in EVENTS."""
     with tempfile.TemporaryDirectory(prefix="fabric-chaos-leader-") as tmp:
         base = Path(tmp)
         pki = make_pki(base / "pki")
@@ -59,7 +59,7 @@ async def one_run(tasks: int, workers: int, lease_ttl: float) -> tuple[LeaderKil
             run = await leader_kill(
                 rig, burst=tasks, controllers=CONTROLLERS, lease_ttl=lease_ttl, workers=workers
             )
-            events = await stored_events(await rig.admin(), "events.task.succeeded")
+            events = await stored_events(await rig.admin(), "events.task.completed")
             return run, sum(1 for i in range(tasks) if not events[f"burst-{i}"])
         finally:
             await rig.aclose()

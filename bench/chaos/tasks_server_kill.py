@@ -52,7 +52,7 @@ from fabric.tasks.stream import RECORDS_BUCKET, TASKS_STREAM  # noqa: E402
 
 async def one_run(rate: float, after: int) -> tuple[list[ServerLoss], int, int, int]:
     """The three phases; also the submitter's reconnects, stray effects, and
-    acknowledged tasks with no ``task.succeeded`` event stored in EVENTS."""
+    acknowledged tasks with no ``task.completed`` event stored in EVENTS."""
     with tempfile.TemporaryDirectory(prefix="fabric-chaos-server-") as tmp:
         base = Path(tmp)
         pki = make_pki(base / "pki")
@@ -76,7 +76,7 @@ async def one_run(rate: float, after: int) -> tuple[list[ServerLoss], int, int, 
             finally:
                 if not second.running:
                     await second.start()
-            events = await stored_events(await rig.admin(), "events.task.succeeded")
+            events = await stored_events(await rig.admin(), "events.task.completed")
             assert load.submitter is not None
             no_event = sum(1 for i in load.submitter.acked if not events[i])
             return phases, load.reconnects, len(load.strays()), no_event
@@ -184,7 +184,7 @@ async def main(args: argparse.Namespace) -> int:
         )
     )
     print(f"\nstray effects (tasks never submitted): {strays}")
-    print(f"acknowledged tasks with no task.succeeded event in EVENTS: {no_event}")
+    print(f"acknowledged tasks with no task.completed event in EVENTS: {no_event}")
     print(f"machine: {machine()}")
     return 0 if lost == 0 else 1
 

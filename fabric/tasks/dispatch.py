@@ -13,7 +13,7 @@ One task, from fetch to ack::
       ─▶ choose_agent over the live view ──none serves the type──▶ nak(delay), record why
       ─▶ request agents.<id>.tasks (TaskAssignment)   ◀─ in_progress every ack_wait/3,
       │                                                  and on the worker's progress
-      ├─ succeeded ──▶ record succeeded ─▶ events.task.succeeded ─▶ ack
+      ├─ succeeded ──▶ record succeeded ─▶ events.task.completed ─▶ ack
       ├─ failed / lost agent / silent worker / timeout ──▶ record failed
       │     ├─ attempts left ─▶ events.task.failed ─▶ nak(backoff)
       │     └─ none left ──▶ copy to tasks.<type>.dead ─▶ record dead ─▶ events.task.dead ─▶ term
@@ -25,8 +25,10 @@ next dispatcher finds a final record (ack without running it again) or
 runs it once more (at least once). The decision of which agent is the pure
 :func:`choose_agent`; this module's class only moves messages.
 
-Events: a task's final event (``task.succeeded``, ``task.dead``) is stored
-in EVENTS, confirmed by JetStream, before the task's ack or term; when it
+Events: ``events.task.completed`` when a task succeeds,
+``events.task.failed`` for each failed attempt, ``events.task.dead`` when it
+is dead-lettered. A task's final event (``task.completed``, ``task.dead``)
+is stored in EVENTS, confirmed by JetStream, before the task's ack or term; when it
 cannot be (a server lost, a stream leader being elected) the task goes back
 and its redelivery, finding the final record, publishes the event again
 under the same ``Nats-Msg-Id``. So no acknowledged task lacks its event.
@@ -147,7 +149,7 @@ MAX_DELIVERIES_ADVISORY = (
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.{DISPATCH_CONSUMER}"
 )
 _MAX_REPLY = 2 * MAX_TASK_PAYLOAD_BYTES + 64 * 1024
-_FINAL_EVENTS = {TaskState.SUCCEEDED: "task.succeeded", TaskState.DEAD: "task.dead"}
+_FINAL_EVENTS = {TaskState.SUCCEEDED: "task.completed", TaskState.DEAD: "task.dead"}
 _MAX_PROGRESS = 64 * 1024
 
 
@@ -772,7 +774,7 @@ class Dispatcher:
             result = outcome
             stored = await store.save(stored, lambda r: succeeded(r, result))
             if stored.applied:
-                await self._event("task.succeeded", stored.record)
+                await self._event("task.completed", stored.record)
                 self.counts["succeeded"] += 1
             else:
                 self.counts["duplicates"] += 1  # another dispatcher finished it first
@@ -884,7 +886,7 @@ class Dispatcher:
     async def _event(self, kind: str, record: TaskRecord, *, must_store: bool = True) -> None:
         """Publish the task's event into EVENTS and wait for JetStream to store it.
 
-        Called before the task's ack or term: a final event (``task.succeeded``,
+        Called before the task's ack or term: a final event (``task.completed``,
         ``task.dead``) that could not be stored raises, so the message goes back
         and its redelivery, finding the final record, publishes it again. An
         acknowledged task therefore always has its event stored, also across the
@@ -930,7 +932,7 @@ class Dispatcher:
             "agent_id": record.agent_id,
             "node_id": record.node_id,
         }
-        if record.error and kind != "task.succeeded":
+        if record.error and kind != "task.completed":
             data["error"] = record.error
         duration = _seconds(record.started_at, record.finished_at)
         if duration is not None:

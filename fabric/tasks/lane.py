@@ -13,7 +13,7 @@ tasks at once::
       ─▶ one TaskBatch per agent on agents.<id>.tasks (reply: this lane's inbox)
       ◀─ TaskResults, several per message as they finish
       ├─ succeeded ─▶ record ``succeeded`` (expecting no record, or the
-      │              ``running`` one) ─▶ events.task.succeeded stored ─▶ ack
+      │              ``running`` one) ─▶ events.task.completed stored ─▶ ack
       └─ anything else, or a record that changed meanwhile ─▶ Dispatcher.settle,
                        exactly as the one-by-one path settles it
 
@@ -561,7 +561,7 @@ class Lane:
                     settled += 1
                     await d.give_back(lane_run.run.msg, outcome)
                     await d.let_go()
-            events = [d.event_message("task.succeeded", record) for _, record in final]
+            events = [d.event_message("task.completed", record) for _, record in final]
             if d.stores_events:
                 stored = await self.pipe.write_many(events)
             else:
