@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 
 from fabric.connect import connect
 from fabric.pki import Identity, init_pki, issue_identity
@@ -76,6 +77,32 @@ def make_pki(pki_dir: Path, identities: dict[str, str] | None = None) -> FabricP
         for name, role in (IDENTITIES if identities is None else identities).items()
     }
     return FabricPki(dir=pki_dir, identities=issued)
+
+
+async def until_delivered(
+    publish: Callable[[bytes], Awaitable[None]], sub: Subscription, within: float = 10.0
+) -> None:
+    """Publish probes through ``publish`` until one reaches ``sub``; earlier
+    probes still on their way are read off, so the next message on ``sub`` is
+    whatever is published after this returns.
+
+    Right after a config reload nats-server may still be applying it to the
+    connections it keeps (CI saw a message published just after the reload's
+    log line never arrive, about one run in ten); a test that means "a live
+    connection still works" waits for that here instead of racing it.
+    """
+    async with asyncio.timeout(within):
+        n = 0
+        while True:
+            n += 1
+            want = b"probe-%d" % n
+            await publish(want)
+            try:
+                while (await sub.next_msg(timeout=0.5)).data != want:
+                    pass  # an earlier probe, delivered late
+                return
+            except nats.errors.TimeoutError:
+                continue
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

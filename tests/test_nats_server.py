@@ -17,7 +17,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
-from natsfixtures import Clients, FabricPki, make_pki
+from natsfixtures import Clients, FabricPki, make_pki, until_delivered
 
 from fabric.cli import main as cli_main
 from fabric.connect import ConnectError, connect
@@ -184,6 +184,7 @@ async def test_reload_applies_issue_and_revoke_without_restart(tmp_path: Path) -
             assert ctl.is_connected and late.is_connected
             sub = await late.subscribe("events.>")
             await late.flush()
+            await until_delivered(lambda data: ctl.publish("events.probe", data), sub)
             await ctl.publish("events.node.lost", b"n9")
             assert (await sub.next_msg(timeout=5)).data == b"n9"
         finally:

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from natsfixtures import Clients, ErrorLog, FabricPki, make_pki
+from natsfixtures import Clients, ErrorLog, FabricPki, make_pki, until_delivered
 
 from fabric.connect import ConnectError, connect
 from fabric.nats_server import NatsServer
@@ -242,6 +242,7 @@ async def test_a_rotated_certificate_is_refused_and_its_live_connection_closed(
             node = await clients("n1", error_cb=errors)
             sub = await ctl.subscribe("nodes.>")
             await ctl.flush()
+            await until_delivered(lambda data: node.publish("nodes.n1.heartbeat", data), sub)
             await node.publish("nodes.n1.heartbeat", b"mine")
             await node.publish("nodes.n2.heartbeat", b"not mine")
             await node.flush()
@@ -332,6 +333,7 @@ async def test_a_client_picks_up_its_rotated_certificate_when_the_reload_drops_i
             assert node.is_connected
             sub = await ctl.subscribe("nodes.n1.heartbeat")
             await ctl.flush()
+            await until_delivered(lambda data: node.publish("nodes.n1.heartbeat", data), sub)
             await node.publish("nodes.n1.heartbeat", b"after rotation")
             assert (await sub.next_msg(timeout=5)).data == b"after rotation"
         finally:
