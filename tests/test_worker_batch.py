@@ -282,6 +282,7 @@ async def test_a_batch_during_the_drain_is_handed_back(connect_as: Clients) -> N
         # A batch received by the worker's own connection (so its reply is allowed),
         # fed to the worker once it drains: the wire cannot hit that window on purpose.
         late_sub = await w.worker.nc.subscribe(subjects.agent_tasks("w9"))  # type: ignore[union-attr]
+        await w.worker.nc.flush()  # type: ignore[union-attr]  # the server has the interest
         late_replies = await send(w.ctl, batch(("l1", 1), ("l2", 2), ("l1", 1)), agent_id="w9")
         late = await late_sub.next_msg(timeout=5)
         async with asyncio.timeout(5):
