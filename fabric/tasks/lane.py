@@ -573,8 +573,9 @@ class Lane:
             for (lane_run, _), event, outcome in zip(final, events, stored, strict=True):
                 msg = lane_run.run.msg
                 if isinstance(outcome, Exception):
-                    d.counts["events_not_stored"] += 1
-                    log.info("event %s not stored: %r", event[2]["Nats-Msg-Id"], outcome)
+                    # Counted and logged as the one-by-one path does; the task goes
+                    # back, and its redelivery says the event again.
+                    d.not_stored(event[2]["Nats-Msg-Id"], outcome, must_store=False)
                     await d.give_back(msg, outcome)
                     continue
                 d.counts["succeeded"] += 1
