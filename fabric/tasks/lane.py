@@ -108,6 +108,8 @@ class _LaneRun:
     """Loop time the task was handed out."""
     written: bool = False
     """The ``running`` record is stored (else ``stored.revision`` is 0: none yet)."""
+    writing: bool = False
+    """Its write is in flight, or was refused (a record is there): not again."""
 
 
 @dataclass(slots=True)
@@ -270,10 +272,6 @@ class Lane:
                 why = reason if isinstance(reason, str) else reason[0]
                 tg.create_task(self._not_now(waiting, why, self.d.settings.handback_delay))
 
-    @property
-    def waiting(self) -> int:
-        return sum(len(heap) for heap in self._waiting.values())
-
     # --- starting ----------------------------------------------------------------
 
     async def _start(self, group: list[tuple[_Waiting, Candidate]]) -> None:
@@ -342,9 +340,13 @@ class Lane:
             written = await self.pipe.write(
                 _record_subject(record.id), encode_record(record), {_EXPECT: "0"}
             )
-        except (nats.errors.Error, TimeoutError, WriteRefused) as exc:
-            # Its end settles it anyway (a conflict there takes the careful way).
+        except WriteRefused as exc:
+            # A record is there after all: its end settles it the careful way.
             log.info("task %s: running record not written: %r", record.id, exc)
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("task %s: running record not written yet: %r", record.id, exc)
+            lane_run.writing = False  # the next watch tries again
             return
         if self.live.get(record.id) is lane_run and not lane_run.written:
             lane_run.stored = Stored(record, written.seq)
@@ -626,7 +628,9 @@ class Lane:
                     if self._tg is None:
                         continue
                     if not lane_run.written:
-                        if run.progress is not None or now - lane_run.since >= running_after:
+                        due = run.progress is not None or now - lane_run.since >= running_after
+                        if due and not lane_run.writing:
+                            lane_run.writing = True
                             self._tg.create_task(self._write_running(lane_run))
                     elif run.progress is not None:
                         self._tg.create_task(self._save_progress(lane_run))
