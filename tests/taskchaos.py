@@ -215,7 +215,18 @@ async def _read_records(nc: Client) -> dict[str, TaskRecord]:
 
 async def stored_events(nc: Client, subject: str, within: float = 60) -> Counter[str]:
     """How often each CloudEvents ``subject`` (a task id) is stored in EVENTS
-    under ``subject`` (e.g. ``events.task.completed``): one ordered read."""
+    under ``subject`` (e.g. ``events.task.completed``): one ordered read, begun
+    again while JetStream elects a leader (a server just restarted), within
+    ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                return await _read_events(nc, subject)
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.5)  # wait-ok: retrying through an election, under a deadline
+
+
+async def _read_events(nc: Client, subject: str) -> Counter[str]:
     seen: Counter[str] = Counter()
     js = nc.jetstream()
     info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
@@ -224,12 +235,11 @@ async def stored_events(nc: Client, subject: str, within: float = 60) -> Counter
         return seen
     sub = await js.subscribe(subject, ordered_consumer=True)
     try:
-        async with asyncio.timeout(within):
-            read = 0
-            while read < total:
-                msg = await sub.next_msg(timeout=10)
-                read += 1
-                seen[json.loads(msg.data)["subject"]] += 1
+        read = 0
+        while read < total:
+            msg = await sub.next_msg(timeout=10)
+            read += 1
+            seen[json.loads(msg.data)["subject"]] += 1
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
