@@ -9,6 +9,8 @@
   teardown.
 * :class:`ErrorLog` - an ``error_cb`` that records errors, to observe
   permission violations (nats-py reports them only there).
+* :func:`through_election` - a JetStream API read, asked again while a lost
+  or restarted server's leaderships are elected.
 """
 
 from __future__ import annotations
@@ -103,6 +105,29 @@ async def until_delivered(
                 return
             except nats.errors.TimeoutError:
                 continue
+
+
+async def through_election(read: Callable[[], Awaitable[T]], within: float = 30.0) -> T:
+    """``read()``, begun again until it succeeds or ``within`` seconds pass.
+
+    While a lost or just restarted server's JetStream leaderships are being
+    elected, the API either answers nothing (the request times out) or answers
+    at once that no leader is there; a read begun then is begun again. CI saw
+    both right after a server of the test cluster was killed or started.
+    """
+    last: Exception | None = None
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                try:
+                    return await read()
+                except nats.errors.TimeoutError as e:
+                    last = e  # the request itself waited
+                except (nats.errors.Error, TimeoutError) as e:
+                    last = e
+                    await asyncio.sleep(0.2)  # wait-ok: answered at once, asked again shortly
+    except TimeoutError as e:
+        raise TimeoutError(f"no answer within {within} s; the last try: {last!r}") from e
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

@@ -47,7 +47,7 @@ import psutil
 from agents.harness import until
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from natsfixtures import Clients, FabricPki
+from natsfixtures import Clients, FabricPki, through_election
 
 from fabric.controller.lease import LEASE_KEY, LeaseValue
 from fabric.controller.streams import EVENTS_STREAM, LEASE_BUCKET
@@ -171,12 +171,7 @@ class Submitter:
 async def final_records(nc: Client, within: float = 60) -> dict[str, TaskRecord]:
     """Every record in ``fabric_tasks`` (one ordered read of the bucket), the read
     tried again while JetStream elects a leader, within ``within`` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            try:
-                return await _read_records(nc)
-            except (nats.errors.Error, TimeoutError):
-                await asyncio.sleep(0.5)  # wait-ok: retrying through an election, under a deadline
+    return await through_election(lambda: _read_records(nc), within)
 
 
 async def settled_records(
@@ -218,12 +213,7 @@ async def stored_events(nc: Client, subject: str, within: float = 60) -> Counter
     under ``subject`` (e.g. ``events.task.completed``): one ordered read, begun
     again while JetStream elects a leader (a server just restarted), within
     ``within`` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            try:
-                return await _read_events(nc, subject)
-            except (nats.errors.Error, TimeoutError):
-                await asyncio.sleep(0.5)  # wait-ok: retrying through an election, under a deadline
+    return await through_election(lambda: _read_events(nc, subject), within)
 
 
 async def _read_events(nc: Client, subject: str) -> Counter[str]:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from natsfixtures import Clients
+from natsfixtures import Clients, through_election
 
 from fabric.connect import js_publish
 from fabric.nats_server import NatsCluster
@@ -112,7 +110,7 @@ async def test_acknowledged_messages_survive_losing_the_stream_leader(
         for i in range(100, 150):
             await publish(i)
 
-        info = await js.stream_info("ORDERS")
+        info = await through_election(lambda: js.stream_info("ORDERS"))
         assert info.cluster is not None and info.cluster.leader != leader_name
         assert info.state.messages == len(acked) == 150
 
@@ -133,16 +131,10 @@ async def test_acknowledged_messages_survive_losing_the_stream_leader(
 
 
 async def _ordered_reader(js: JetStreamContext, stream: str, subject: str) -> Any:
-    """An ordered consumer, asked for again while the killed server's JetStream
-    meta leadership is still being elected (its API answers nothing meanwhile)."""
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                return await js.subscribe(subject, stream=stream, ordered_consumer=True)
-            except nats.errors.TimeoutError:
-                continue  # the request itself waited
-            except nats.js.errors.ServiceUnavailableError:
-                await asyncio.sleep(0.1)  # wait-ok: answered at once, asked again shortly
+    """An ordered consumer, asked for through the killed server's elections."""
+    return await through_election(
+        lambda: js.subscribe(subject, stream=stream, ordered_consumer=True)
+    )
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from fleetfixtures import (
     ControllerProcs,
     FakeNode,
@@ -32,7 +30,7 @@ from fleetfixtures import (
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from natsfixtures import Clients, FabricPki
+from natsfixtures import Clients, FabricPki, through_election
 
 from fabric.controller.lease import LEASE_KEY, LeaseValue
 from fabric.controller.service import Controller
@@ -209,14 +207,6 @@ async def test_a_controller_survives_losing_its_nats_server(
 
 
 async def _last_event(js: JetStreamContext, subject: str) -> Any:
-    """The last event on ``subject``, asked for again while the lost server's
-    JetStream leaderships are being elected (its API answers nothing meanwhile;
-    CI saw the first ask time out once)."""
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                return await js.get_last_msg(EVENTS_STREAM, subject)
-            except nats.errors.TimeoutError:
-                continue  # the request itself waited
-            except nats.js.errors.ServiceUnavailableError:
-                await asyncio.sleep(0.1)  # wait-ok: answered at once, asked again shortly
+    """The last event on ``subject``, read through the lost server's elections
+    (CI saw the first ask time out once)."""
+    return await through_election(lambda: js.get_last_msg(EVENTS_STREAM, subject))
