@@ -181,7 +181,32 @@ async def _run(config: NodeAgentConfig, verifier: TokenVerifier) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    pass_default_signals_on()
     await agent.run()
+
+
+# Signals a node agent never acts on, but its agents may be sent (`fabric
+# signal web HUP`) or rely on (SIGQUIT for a thread dump).
+_PASSED_ON = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def pass_default_signals_on() -> None:
+    """Agents start with these signals at their default, however the node was started.
+
+    An ignored signal stays ignored across exec, and a node started by
+    ``nohup`` or as a shell's background job has SIGHUP or SIGQUIT ignored:
+    every agent would inherit that, and a signal an operator sends it would
+    do nothing. A handler is reset to the default in each child (spawning
+    uses no ``preexec_fn``, which would cost a full fork), so an ignored one
+    is replaced by a handler that ignores it here too.
+    """
+    for signum in _PASSED_ON:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _still_ignored)
+
+
+def _still_ignored(_signum: int, _frame: object) -> None:
+    return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,12 +30,24 @@ that run in the default (function) loop.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from natsfixtures import Clients, FabricPki, make_pki, run_sync
 
 from fabric.nats_server import NatsCluster, NatsServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`pytest &`, nohup, some CI runners)
+    # with SIGINT ignored, and an ignored signal stays ignored across exec:
+    # every process the tests spawn would then ignore SIGINT, and the tests
+    # that press Ctrl-C on one (`fabric logs -f`, an agent's stop signal)
+    # would wait for nothing. A handler of our own is reset to the default
+    # in each child, as in a suite run from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

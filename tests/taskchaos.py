@@ -272,7 +272,7 @@ class ChaosRig:
         self.controllers: dict[str, subprocess.Popen[bytes]] = {}
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.inboxes: dict[str, str] = {}
-        """Reply inbox prefix -> controller name (each prints its own at start)."""
+        """Reply inbox -> controller name (each prints its inboxes at start)."""
         self.issuer = TokenIssuer.from_file(pki.dir / "signing.key", "chaos")
         self._admin: Client | None = None
 
@@ -321,9 +321,10 @@ class ChaosRig:
             proc = self.controllers[name]
             assert proc.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=30)
-            word, _, inbox = line.decode(errors="replace").strip().partition(" ")
-            assert word == "ready", f"controller {name} did not start: {line!r}"
-            self.inboxes[inbox] = name
+            word, *inboxes = line.decode(errors="replace").split()
+            assert word == "ready" and inboxes, f"controller {name} did not start: {line!r}"
+            for inbox in inboxes:
+                self.inboxes[inbox] = name
 
     def kill_controller(self, name: str) -> int:
         """SIGKILL by pid (no lease hand-over, no acks); returns the pid."""
@@ -438,24 +439,36 @@ class ChaosRig:
 
 class Assignments:
     """Every assignment sent to a worker (``agents.*.tasks``), by the controller
-    connection that sent it (its reply inbox prefix), with the loop time.
+    that sent it, with the loop time.
+
+    A controller is known by the inboxes it replies to (``inboxes``: inbox ->
+    controller name, as :meth:`ChaosRig.start_controllers` reads them): one
+    for assignments sent one by one, another for its lane's batches. A reply
+    under no known inbox counts under its own prefix.
 
     ``trap(sender, then)``: call ``then()`` from the callback of the next
     assignment ``sender`` sends, so a controller can be killed while that task
     is out on a worker.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inboxes: dict[str, str]) -> None:
+        self.inboxes = inboxes
         self.seen: list[tuple[float, str, str]] = []
         self._trap: tuple[str, Callable[[], object]] | None = None
         self.sprung = asyncio.Event()
+
+    def sender(self, reply: str) -> str:
+        for inbox, name in self.inboxes.items():
+            if reply.startswith(f"{inbox}."):
+                return name
+        return reply.rsplit(".", 1)[0]
 
     async def on_msg(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get(BATCH_HEADER) == "1":
             ids = [a.task.id for a in decode(msg.data, TaskBatch).assignments]
         else:
             ids = [decode(msg.data, TaskAssignment).task.id]
-        sender = msg.reply.rsplit(".", 1)[0]
+        sender = self.sender(msg.reply)
         now = asyncio.get_running_loop().time()
         self.seen.extend((now, sender, task_id) for task_id in ids)
         if self._trap is not None and self._trap[0] == sender:
@@ -545,7 +558,7 @@ async def leader_kill(
     admin = await rig.admin()
     op = await rig.clients("op-1")
     leaders = Leaders()
-    sent = Assignments()
+    sent = Assignments(rig.inboxes)
     await op.subscribe("events.controller.leader", cb=leaders.on_msg)
     await admin.subscribe("agents.*.tasks", cb=sent.on_msg)
     await rig.start_controllers(controllers, lease_ttl=lease_ttl)
@@ -563,7 +576,6 @@ async def leader_kill(
     began = loop.time()
     await submitter.submit_all(ids)
     await until(lambda: rig.ledger.refresh().effects(ids) >= burst * kill_at, 120, step=0.05)
-    inbox = next(i for i, name in rig.inboxes.items() if name == leader)
     announced = len(leaders.seen)
     killed: list[float] = []
 
@@ -572,7 +584,7 @@ async def leader_kill(
         killed.append(loop.time())
 
     # Killed right as it hands a task to a worker: that one (at least) is out.
-    sent.trap(inbox, kill)
+    sent.trap(leader, kill)
     async with asyncio.timeout(60):
         await sent.sprung.wait()
     killed_at, mark = killed[0], len(sent.seen)
@@ -591,7 +603,7 @@ async def leader_kill(
         and records[i].state is TaskState.SUCCEEDED
         and records[i].result is not None
     )
-    killed_tasks, resent = sent.sent_by(inbox, wanted, mark)
+    killed_tasks, resent = sent.sent_by(leader, wanted, mark)
     ledger = rig.ledger.refresh()
     return LeaderKill(
         tasks=burst,
@@ -664,7 +676,7 @@ class ClusterLoad:
         self.submitter: Submitter | None = None
         self.submit_nc: Client | None = None
         self.reconnects = 0
-        self.sent = Assignments()
+        self.sent = Assignments(rig.inboxes)
 
     async def start(self) -> None:
         """Controllers, the node and its workers, each task type served once."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from test_up import PipeLines, UpProcess, alive, module_fabric, one_line, until
+from test_up import PipeLines, UpProcess, alive, interrupt, module_fabric, one_line, until
 
 from fabric.cli.agents_cmd import parse_size
 from fabric.cli.logs_cmd import new_lines
@@ -77,8 +76,7 @@ def test_logs_follow_prints_new_lines_of_both_streams(fabric: UpProcess) -> None
         ]
         assert err.next_line(deadline).startswith(b"tock ")
     finally:
-        follower.send_signal(signal.SIGINT)
-        follower.communicate(timeout=15)
+        interrupt(follower)
     assert follower.returncode == 130
     fabric.ok("rm", "ticker")
 

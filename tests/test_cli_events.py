@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
-from test_up import PipeLines, UpProcess, module_fabric
+from test_up import PipeLines, UpProcess, interrupt, module_fabric
 
 from fabric.cli import UsageError
 from fabric.cli.events_cmd import parse_since
@@ -80,8 +79,7 @@ def test_follow_prints_new_events_then_ctrl_c_ends_it(fabric: UpProcess, worker:
         fabric.ok("stop", worker)
         next_event(lines, "agent.stopped", worker)
     finally:
-        follower.send_signal(signal.SIGINT)
-        _, err = follower.communicate(timeout=15)
+        _, err = interrupt(follower)
     assert follower.returncode == 130
     assert b"Traceback" not in err
 

@@ -295,7 +295,20 @@ async def test_server_refuses_a_viewer_command(node: NodeAgent, connect_as: Any)
 # --- kill -9 of the node agent, then a new one re-adopts ------------------------------
 
 
-def _node_process(pki: FabricPki, server: NatsServer, state_dir: Path) -> subprocess.Popen[bytes]:
+def _node_process(
+    pki: FabricPki, server: NatsServer, state_dir: Path, ignoring: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """A node agent process, started with the signals in ``ignoring`` ignored
+    (set here around the spawn: an ignored signal is inherited, as from nohup)."""
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignoring}
+    try:
+        return _spawn_node(pki, server, state_dir)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _spawn_node(pki: FabricPki, server: NatsServer, state_dir: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "FABRIC_NATS_URL": server.url,
@@ -376,6 +389,64 @@ async def test_kill_9_then_restart_readopts_every_agent(
         for pid in pids.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    """``SigIgn`` or ``SigCgt`` of ``pid``, from /proc: bit n-1 is signal n."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value, 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+async def test_agents_get_default_signals_from_a_node_started_ignoring_them(
+    pki: FabricPki, nats_server: NatsServer, connect_as: Any, issuer: TokenIssuer, tmp_path: Path
+) -> None:
+    op = await connect_as("op-1")
+    beats = Watch(NodeHeartbeat)
+    await op.subscribe(subjects.node_heartbeat("n2"), cb=beats.handle)
+    passed_on = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+    node = _node_process(pki, nats_server, tmp_path / "n2", ignoring=passed_on)
+    pid: int | None = None
+    try:
+        await beats.wait(lambda b: b.pid == node.pid, within=20)
+        bits = sum(1 << (s - 1) for s in passed_on)
+        # The node goes on ignoring them (a handler that does nothing) ...
+        assert _signal_mask(node.pid, "SigIgn") & bits == 0
+        assert _signal_mask(node.pid, "SigCgt") & bits == bits
+        os.kill(node.pid, signal.SIGHUP)
+        # ... and its agent starts with each at the default, so it acts on them.
+        spec = AgentSpec(name="hup", argv=SLEEPER, start_seconds=0)
+        placed = await command(
+            op,
+            subjects.node_commands("n2"),
+            PlaceAgent(spec=spec, token=token(issuer, "agents:run")),
+        )
+        assert placed.status.state is AgentState.RUNNING
+        pid = placed.status.pid
+        assert _signal_mask(pid, "SigIgn") & bits == 0
+        os.kill(pid, signal.SIGHUP)
+        await until(lambda: not psutil.pid_exists(pid) or _zombie(pid), within=10)
+        assert node.poll() is None, "the node agent died of a SIGHUP it had been started ignoring"
+    finally:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=20)
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+        if pid is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 async def test_oversized_command_is_refused_before_decoding(

@@ -87,6 +87,19 @@ class PipeLines:
         return line
 
 
+def interrupt(proc: subprocess.Popen[bytes], within: float = 15.0) -> tuple[bytes, bytes]:
+    """Ctrl-C for ``proc`` (SIGINT), then its output once it ends. One that
+    outlives ``within`` is killed before the test fails, so no follower is
+    left running into later tests."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 class UpProcess:
     """One `fabric up` on ``state_dir``; restartable; every pid it ever ran is kept."""
 

@@ -56,11 +56,18 @@ async def main(args: argparse.Namespace) -> None:
     ready = asyncio.create_task(ctl.started.wait())
     done, _ = await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
     if ready in done:
-        # nats-py makes the prefix on its first request and keeps it until close
-        # (no public accessor); the controller has made requests by now.
+        # Both inboxes the assignments it sends reply to: nats-py's request
+        # prefix, made on the first request and kept until close (no public
+        # accessor; the controller has made requests by now), and its batched
+        # lane's, once the dispatcher has opened it.
+        dispatcher = ctl.dispatcher
+        assert dispatcher is not None
+        await asyncio.wait_for(dispatcher.ready.wait(), timeout=30)
         prefix = nc._resp_sub_prefix
-        inbox = bytes(prefix).decode().rstrip(".") if prefix else "?"
-        print(f"ready {inbox}", flush=True)
+        inboxes = [bytes(prefix).decode().rstrip(".") if prefix else "?"]
+        if dispatcher.lane is not None:
+            inboxes.append(dispatcher.lane.inbox)
+        print("ready", *inboxes, flush=True)
     try:
         await runner
     except asyncio.CancelledError:
