@@ -39,6 +39,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.cli import CommandFailed
 from fabric.client import FabricClient
 from fabric.controller.streams import EVENTS_STREAM
@@ -278,6 +279,7 @@ async def refresh_tasks(client: FabricClient, view: FleetView) -> bool:
 
 async def _follow_tasks(client: FabricClient, view: FleetView, due: asyncio.Event) -> None:
     while True:
+        raise_if_cancelled()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_TASKS_EVERY):
                 await due.wait()

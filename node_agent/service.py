@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 
 from fabric import __version__
 from fabric.audit import Refusal, RefusalAudit
+from fabric.cancelled import raise_if_cancelled
 from fabric.connect import ConnectError, connect
 from fabric.tokens import Claims, TokenVerifier
 from node_agent.commands import CommandHandler
@@ -309,6 +310,7 @@ class NodeAgent:
     async def _nats_loop(self) -> None:
         delay = 0.5
         while True:
+            raise_if_cancelled()
             try:
                 nc = await connect(
                     self.config.nats_urls,
@@ -341,6 +343,7 @@ class NodeAgent:
         with backoff while no controller answers (controllers may start later)."""
         delay = 1.0
         while True:
+            raise_if_cancelled()
             self._register_again.clear()
             if await self._register():
                 delay = 1.0
@@ -557,6 +560,7 @@ class NodeAgent:
         await self._connected.wait()
         loop = asyncio.get_running_loop()
         while True:
+            raise_if_cancelled()
             period = self._heartbeat_interval / 2
             if self._fence.must_fence(loop.time()):
                 await self._self_fence()

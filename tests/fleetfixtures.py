@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -274,8 +275,21 @@ async def running(ctl: Controller) -> AsyncIterator[asyncio.Task[None]]:
             await ctl.started.wait()
         yield task
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_run(task)
+
+
+async def stop_run(run: asyncio.Task[None], within: float = 30.0) -> None:
+    """Cancel a controller's run; one that does not end in time fails the test
+    with the stacks of every task still alive (not a silent hang)."""
+    run.cancel()
+    done, _ = await asyncio.wait({run}, timeout=within)
+    if done:
+        return
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        print(task, file=stacks)
+        task.print_stack(file=stacks)
+    raise AssertionError(f"controller still running {within} s after cancel:\n{stacks.getvalue()}")
 
 
 def leader_of(*controllers: Controller) -> Controller | None:

@@ -8,14 +8,13 @@ the controller through placement, node loss and the heal of a partition.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from agents.harness import until
-from fleetfixtures import FakeNode, node_info
+from fleetfixtures import FakeNode, node_info, running
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from natsfixtures import Clients, ErrorLog, FabricPki
@@ -55,18 +54,6 @@ def config(pki: FabricPki, name: str = "ctl-1") -> ControllerConfig:
         reconcile_interval=0.1,
         streams=StreamSettings(lease_ttl=1.0),
     )
-
-
-@contextlib.asynccontextmanager
-async def running(ctl: Controller) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(ctl.run())
-    try:
-        async with asyncio.timeout(10):
-            await ctl.started.wait()
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ file, so the test steps through them without sleeping.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import msgspec
 import psutil
 import pytest
 from agents.harness import until
-from fleetfixtures import Fleet, controller_config, running
+from fleetfixtures import Fleet, controller_config, running, stop_run
 from natsfixtures import Clients, FabricPki
 from workers.rig import TaskRig, fast_settings
 
@@ -378,25 +377,11 @@ async def stack(pki: FabricPki, tmp_path: Path) -> AsyncIterator[Stack]:
         await fleet.stop_all()
     finally:
         try:
-            await _stop(run)
+            await stop_run(run)
         finally:
             await fleet.stop_all()
             await rig.aclose()
             await server.stop()
-
-
-async def _stop(run: asyncio.Task[None], within: float = 30.0) -> None:
-    """Cancel a controller's run; one that does not end in time fails the test
-    with the stacks of every task still alive (not a silent hang)."""
-    run.cancel()
-    done, _ = await asyncio.wait({run}, timeout=within)
-    if done:
-        return
-    stacks = io.StringIO()
-    for task in asyncio.all_tasks():
-        print(task, file=stacks)
-        task.print_stack(file=stacks)
-    raise AssertionError(f"controller still running {within} s after cancel:\n{stacks.getvalue()}")
 
 
 async def _controller(rig: TaskRig, pki: FabricPki, name: str) -> Controller:
@@ -560,8 +545,7 @@ async def test_a_controller_stopping_mid_exec_hands_the_same_one_shot_to_the_nex
     await until(lambda: len(_lines(pids)) == 1, within=30)
     pid = int(_lines(pids)[0])
 
-    stack.run.cancel()
-    await asyncio.gather(stack.run, return_exceptions=True)
+    await stop_run(stack.run)
     assert psutil.pid_exists(pid)
 
     second = await _controller(rig, pki, "ctl-2")
@@ -592,8 +576,7 @@ async def test_an_unwatched_one_shot_is_removed_once_past_its_timeout(
     await tasks.submit("exec", payload, task_id="job-orphan")
     await until(lambda: len(_lines(pids)) == 1, within=30)
     pid = int(_lines(pids)[0])
-    stack.run.cancel()
-    await asyncio.gather(stack.run, return_exceptions=True)
+    await stop_run(stack.run)
     await tasks.nc.jetstream().purge_stream(TASKS_STREAM)
 
     second = await _controller(rig, pki, "ctl-2")

@@ -24,6 +24,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.cli import CommandFailed, UsageError
 from fabric.client import FabricClient, add_client_options, run_cli
 from fabric.controller.streams import EVENTS_STREAM
@@ -129,6 +130,7 @@ async def _events_async(client: FabricClient, since: datetime, args: argparse.Na
         raise CommandFailed(f"cannot read the EVENTS stream: {exc or type(exc).__name__}") from None
     try:
         while True:
+            raise_if_cancelled()  # Ctrl-C: see fabric.cancelled
             try:
                 msg = await sub.next_msg(timeout=_IDLE)
             except (nats.errors.TimeoutError, TimeoutError):

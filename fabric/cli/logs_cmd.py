@@ -25,6 +25,7 @@ from typing import IO, Literal
 
 from nats.aio.msg import Msg
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.cli import CommandFailed, UsageError
 from fabric.cli.events_cmd import parse_since
 from fabric.client import (
@@ -236,6 +237,7 @@ async def _print_batches(
     loop = asyncio.get_running_loop()
     renew_at = loop.time() + _RENEW_EVERY
     while True:
+        raise_if_cancelled()  # Ctrl-C: see fabric.cancelled
         try:
             async with asyncio.timeout(max(0.0, renew_at - loop.time())):
                 batch = await batches.get()
@@ -266,6 +268,7 @@ async def _follow_polling(
     seen: dict[tuple[str, Stream], list[str]],
 ) -> None:
     while True:
+        raise_if_cancelled()
         await asyncio.sleep(_FOLLOW_INTERVAL)
         for agent_id in target.agent_ids:
             for stream in streams:

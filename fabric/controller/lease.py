@@ -37,6 +37,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from fabric.cancelled import raise_if_cancelled
 from schemas.codec import encode
 from schemas.common import utc_now
 
@@ -171,6 +172,7 @@ class Lease:
         """Run until cancelled; on cancel, release the lease if held."""
         try:
             while True:
+                raise_if_cancelled()
                 if self.is_leader:
                     await self.renew()
                 else:

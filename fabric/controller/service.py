@@ -52,6 +52,7 @@ from nats.micro.request import Request
 
 from fabric import __version__
 from fabric.audit import Refusal, RefusalAudit
+from fabric.cancelled import raise_if_cancelled
 from fabric.connect import js_publish
 from fabric.controller.lease import Lease, NotLeader
 from fabric.controller.liveness import LivenessConfig, NodeFlags, node_state
@@ -294,6 +295,7 @@ class Controller:
         # once a meta leader is elected, so wait for it rather than exit.
         delay = 0.25
         while True:
+            raise_if_cancelled()
             try:
                 return await ensure_state(self.nc, self.js, self.config.streams)
             except (TimeoutError, nats.errors.Error) as exc:
@@ -740,6 +742,7 @@ class Controller:
 
     async def _loop(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.config.reconcile_interval)
             lease = self.lease
             if lease is None or not lease.valid() or not self._pass_due():

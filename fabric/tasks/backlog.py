@@ -33,6 +33,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.tasks.stream import RECORDS_BUCKET, TASKS_STREAM
 from schemas import subjects
 from schemas.discovery import TaskBacklog
@@ -118,6 +119,7 @@ class RecordCounts:
         """Watch until cancelled; a watch that fails is made again."""
         delay = 0.5
         while True:
+            raise_if_cancelled()
             try:
                 kv = await self.js.key_value(RECORDS_BUCKET)
                 watcher = await kv.watchall()

@@ -50,6 +50,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 import nats.errors
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.controller.registry import mutate
 from fabric.spec_policy import check_cwd, check_env
 from schemas import subjects
@@ -439,6 +440,7 @@ class BatchRunner:
         node_id: str | None = None
         epoch = 0
         while True:
+            raise_if_cancelled()
             now = loop.time()
             record = fleet.record(agent_id)
             if record is None or record.deleting:
@@ -487,6 +489,7 @@ class BatchRunner:
 
     async def sweep_forever(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.settings.sweep_every)  # wait-ok: a periodic pass
             self.fleet.forget_gone()  # every controller: its own memory
             try:

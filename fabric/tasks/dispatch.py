@@ -69,6 +69,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.connect import js_publish
 from fabric.controller.streams import EVENTS_STREAM
 from fabric.tasks.admission import admit
@@ -345,6 +346,7 @@ class Dispatcher:
     async def _ensure_state(self) -> Any:
         delay = 0.2
         while True:
+            raise_if_cancelled()
             try:
                 return await ensure_task_state(self.nc, self.js, self.settings.queue)
             except STORE_ERRORS as exc:
@@ -355,6 +357,7 @@ class Dispatcher:
     async def _fetch_loop(self, psub: Any, tg: asyncio.TaskGroup) -> None:
         settings = self.settings
         while not self.nc.is_closed:
+            raise_if_cancelled()
             room = settings.max_inflight - self._held
             if room <= 0:
                 async with self._changed:
@@ -720,6 +723,7 @@ class Dispatcher:
         tick = min(keep_every, self.settings.watch_every)
         try:
             while True:
+                raise_if_cancelled()
                 done, _ = await asyncio.wait({request}, timeout=tick)
                 if done:
                     return self._reply(request, run), stored

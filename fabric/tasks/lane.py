@@ -53,6 +53,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
+from fabric.cancelled import raise_if_cancelled
 from fabric.tasks.agents import Candidate
 from fabric.tasks.pipe import StoredPublisher, WriteRefused, Written
 from fabric.tasks.priority import Ticket, rank
@@ -600,6 +601,7 @@ class Lane:
         keep_every = d.ack_wait / 3
         running_after = d.settings.running_after
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(min(keep_every, d.settings.watch_every))
             now = loop.time()
             if self._waiting:
