@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
-from agents.harness import until
+from agents.harness import alive, until
 from nats.aio.client import Client
 from natsfixtures import ErrorLog, FabricPki
 
@@ -427,7 +427,7 @@ async def test_agents_get_default_signals_from_a_node_started_ignoring_them(
         pid = placed.status.pid
         assert _signal_mask(pid, "SigIgn") & bits == 0
         os.kill(pid, signal.SIGHUP)
-        await until(lambda: not psutil.pid_exists(pid) or _zombie(pid), within=10)
+        await until(lambda: not alive(pid), within=10)
         assert node.poll() is None, "the node agent died of a SIGHUP it had been started ignoring"
     finally:
         if node.poll() is None:
@@ -440,13 +440,6 @@ async def test_agents_get_default_signals_from_a_node_started_ignoring_them(
         if pid is not None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def test_oversized_command_is_refused_before_decoding(

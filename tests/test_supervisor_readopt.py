@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import psutil
-from agents.harness import fifo_line, policy, running, script, spec
+from agents.harness import alive, fifo_line, policy, running, script, spec
 
 from node_agent.state_store import AgentRecord, StateStore
 from schemas.agent import AgentState as S
@@ -24,13 +24,6 @@ def start_node(state: Path, fifo: Path, count: int) -> subprocess.Popen[bytes]:
 def kill_9(node: subprocess.Popen[bytes]) -> None:
     node.send_signal(signal.SIGKILL)
     node.wait()  # no reaper runs in this process at this point
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_state_store_round_trip_and_bad_files(tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
-from agents.harness import policy, running, spec
+from agents.harness import alive, policy, running, spec
 
 from schemas.agent import AgentState as S
 from schemas.agent import Backoff
@@ -115,17 +114,10 @@ async def test_restart_command_gives_new_process(tmp_path: Path) -> None:
         second = await sup.restart("r")
         assert second.state is S.RUNNING
         assert second.pid not in (None, first.pid)
-        assert first.pid is not None and not _alive(first.pid)
+        assert first.pid is not None and not alive(first.pid)
         states = [t.to_state for t in second.history]
         assert states[-4:] == [S.STOPPING, S.STOPPED, S.STARTING, S.RUNNING]
         third = await sup.restart("r")  # from running again; restart of a stopped one too
         await sup.stop("r")
         fourth = await sup.restart("r")
         assert len({second.pid, third.pid, fourth.pid}) == 3
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

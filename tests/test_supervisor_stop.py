@@ -9,20 +9,13 @@ from typing import Any
 
 import psutil
 import pytest
-from agents.harness import fifo_line, running, script, spec, until
+from agents.harness import alive, fifo_line, running, script, spec, until
 
 from schemas.agent import AgentState as S
 from schemas.errors import ContractError, ErrorCode
 
 IGNORE_TERM = ["sh", "-c", "trap '' TERM; exec sleep 1000"]
 CGROUP_MODES = [pytest.param("auto", id="cgroup-auto"), pytest.param(None, id="no-cgroup")]
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def test_term_ignoring_agents_stop_in_parallel(tmp_path: Path) -> None:
@@ -68,7 +61,7 @@ async def test_escaped_grandchild_is_killed_and_reaped(tmp_path: Path, cgroup_ba
         assert stopped.state is S.STOPPED
         # SIGKILLed and reaped by our reaper: no zombie left behind.
         await until(lambda: not psutil.pid_exists(grandchild), 5.0)
-        assert gone(main_pid)
+        assert not alive(main_pid)
         assert sup.orphans_reaped >= 1
 
 
@@ -110,7 +103,7 @@ async def test_remove_stops_and_forgets(tmp_path: Path) -> None:
         cgroup = sup.cgroups.base / "gone" if sup.cgroups else None
         final = await sup.remove("gone")
         assert final.state is S.STOPPED
-        assert gone(status.pid)
+        assert not alive(status.pid)
         assert not (tmp_path / "agents" / "gone.json").exists()
         assert not (tmp_path / "logs" / "gone").exists()
         assert cgroup is None or not cgroup.exists()

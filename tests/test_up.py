@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
 import pytest
+from agents.harness import alive
 
 from fabric.env import parse_env_file
 
@@ -48,13 +48,6 @@ def until(what: str, probe: Callable[[], T | None], timeout: float = 20.0) -> T:
             return last
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
 def one_line(text: str) -> str:

@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from node_agent.supervisor import Supervisor, SupervisorConfig
 from schemas.agent import (
     AgentSpec,
@@ -24,6 +26,14 @@ from schemas.agent import (
 AGENTS = Path(__file__).resolve().parent
 PY = sys.executable
 DEADLINE = 10.0
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs: it exists and has not exited (a zombie not yet reaped has)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def script(name: str, *args: object) -> list[str]:
