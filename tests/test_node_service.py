@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -336,6 +336,24 @@ def _spawn_node(pki: FabricPki, server: NatsServer, state_dir: Path) -> subproce
     )
 
 
+def _stop_nodes_and_agents(
+    nodes: Iterable[subprocess.Popen[bytes] | None], agent_pids: Iterable[int]
+) -> None:
+    """SIGTERM each node process still running (SIGKILL after 20 s), then kill
+    by pid any agent process it left."""
+    for proc in nodes:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for pid in agent_pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+
+
 async def test_kill_9_then_restart_readopts_every_agent(
     pki: FabricPki, nats_server: NatsServer, connect_as: Any, issuer: TokenIssuer, tmp_path: Path
 ) -> None:
@@ -378,17 +396,7 @@ async def test_kill_9_then_restart_readopts_every_agent(
             len([p for p in sleepers if p.pid not in pids.values() and p.ppid() == second.pid]) == 0
         )
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=20)
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        for pid in pids.values():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
+        _stop_nodes_and_agents([first, second], pids.values())
 
 
 def _signal_mask(pid: int, field: str) -> int:
@@ -430,16 +438,7 @@ async def test_agents_get_default_signals_from_a_node_started_ignoring_them(
         await until(lambda: not alive(pid), within=10)
         assert node.poll() is None, "the node agent died of a SIGHUP it had been started ignoring"
     finally:
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.wait(timeout=20)
-            if node.poll() is None:
-                node.kill()
-                node.wait()
-        if pid is not None:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
+        _stop_nodes_and_agents([node], [] if pid is None else [pid])
 
 
 async def test_oversized_command_is_refused_before_decoding(
