@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -18,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from agents.harness import alive, until
+from chaosnode import NodeProc
 from nats.aio.client import Client
 from natsfixtures import ErrorLog, FabricPki
 
@@ -296,59 +296,27 @@ async def test_server_refuses_a_viewer_command(node: NodeAgent, connect_as: Any)
 
 
 def _node_process(
-    pki: FabricPki, server: NatsServer, state_dir: Path, ignoring: tuple[int, ...] = ()
-) -> subprocess.Popen[bytes]:
-    """A node agent process, started with the signals in ``ignoring`` ignored
-    (set here around the spawn: an ignored signal is inherited, as from nohup)."""
+    pki: FabricPki, server: NatsServer, tmp_path: Path, ignoring: tuple[int, ...] = ()
+) -> NodeProc:
+    """Node ``n2`` as a process of its own (state and log under ``tmp_path``),
+    started with the signals in ``ignoring`` ignored (set here around the
+    spawn: an ignored signal is inherited, as from nohup)."""
     before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignoring}
     try:
-        return _spawn_node(pki, server, state_dir)
+        return NodeProc(pki, server.url, tmp_path / "n2", tmp_path / "n2.log", "n2")
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
 
 
-def _spawn_node(pki: FabricPki, server: NatsServer, state_dir: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "FABRIC_NATS_URL": server.url,
-        "FABRIC_CA": str(pki.ca),
-        "FABRIC_CERT": str(pki["n2"].cert),
-        "FABRIC_KEY": str(pki["n2"].key),
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node_agent.main",
-            "--node-id",
-            "n2",
-            "--state-dir",
-            str(state_dir),
-            "--token-key",
-            str(pki.dir / "signing.pub"),
-            "--heartbeat-interval",
-            "0.2",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _stop_nodes_and_agents(
-    nodes: Iterable[subprocess.Popen[bytes] | None], agent_pids: Iterable[int]
+async def _stop_nodes_and_agents(
+    nodes: Iterable[NodeProc | None], agent_pids: Iterable[int]
 ) -> None:
-    """SIGTERM each node process still running (SIGKILL after 20 s), then kill
-    by pid any agent process it left."""
-    for proc in nodes:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    """Stop each node process (SIGTERM, SIGKILL after 20 s), then kill by pid
+    any agent process it left."""
+    for node in nodes:
+        if node is not None:
+            await node.stop()
     for pid in agent_pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
@@ -360,8 +328,8 @@ async def test_kill_9_then_restart_readopts_every_agent(
     op = await connect_as("op-1")
     beats = Watch(NodeHeartbeat)
     await op.subscribe(subjects.node_heartbeat("n2"), cb=beats.handle)
-    first = _node_process(pki, nats_server, tmp_path / "n2")
-    second: subprocess.Popen[bytes] | None = None
+    first = _node_process(pki, nats_server, tmp_path)
+    second: NodeProc | None = None
     pids: dict[str, int] = {}
     try:
         await beats.wait(lambda b: b.pid == first.pid, within=20)
@@ -374,11 +342,11 @@ async def test_kill_9_then_restart_readopts_every_agent(
             )
             assert placed.status.state is AgentState.RUNNING
             pids[name] = placed.status.pid
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(timeout=10)
         assert all(psutil.pid_exists(pid) for pid in pids.values())
 
-        second = _node_process(pki, nats_server, tmp_path / "n2")
+        second = _node_process(pki, nats_server, tmp_path)
         beat = await beats.wait(
             lambda b: (
                 b.pid == second.pid
@@ -396,7 +364,7 @@ async def test_kill_9_then_restart_readopts_every_agent(
             len([p for p in sleepers if p.pid not in pids.values() and p.ppid() == second.pid]) == 0
         )
     finally:
-        _stop_nodes_and_agents([first, second], pids.values())
+        await _stop_nodes_and_agents([first, second], pids.values())
 
 
 def _signal_mask(pid: int, field: str) -> int:
@@ -415,7 +383,7 @@ async def test_agents_get_default_signals_from_a_node_started_ignoring_them(
     beats = Watch(NodeHeartbeat)
     await op.subscribe(subjects.node_heartbeat("n2"), cb=beats.handle)
     passed_on = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
-    node = _node_process(pki, nats_server, tmp_path / "n2", ignoring=passed_on)
+    node = _node_process(pki, nats_server, tmp_path, ignoring=passed_on)
     pid: int | None = None
     try:
         await beats.wait(lambda b: b.pid == node.pid, within=20)
@@ -436,9 +404,9 @@ async def test_agents_get_default_signals_from_a_node_started_ignoring_them(
         assert _signal_mask(pid, "SigIgn") & bits == 0
         os.kill(pid, signal.SIGHUP)
         await until(lambda: not alive(pid), within=10)
-        assert node.poll() is None, "the node agent died of a SIGHUP it had been started ignoring"
+        assert node.alive(), "the node agent died of a SIGHUP it had been started ignoring"
     finally:
-        _stop_nodes_and_agents([node], [] if pid is None else [pid])
+        await _stop_nodes_and_agents([node], [] if pid is None else [pid])
 
 
 async def test_oversized_command_is_refused_before_decoding(
